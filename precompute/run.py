@@ -1,0 +1,188 @@
+"""kto-precompute's main job: prepare rows, score this worker's shards (reusing
+complete ones from an earlier run), write the manifest, print a summary."""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm.auto import tqdm
+
+from precompute.config import PrecomputeConfig
+from precompute.identity import cache_identity, library_versions, load_tokenizer
+from precompute.prepare import Prepared, prepare
+from precompute.scoring import Scorer, make_scorer, resolve_backend
+from precompute.shards import score_shard, shard_bounds, worker_shards
+from shared import CACHE_FORMAT_VERSION
+from shared.cache import (
+    MANIFEST,
+    ShardInfo,
+    existing_shard,
+    shard_infos,
+    shard_name,
+    verify_cache,
+    write_json,
+    write_shard,
+)
+from shared.errors import CacheError
+from shared.fingerprint import sha256_json
+from shared.formats import parse_column_map
+
+log = logging.getLogger(__name__)
+_OUR_FILES = re.compile(
+    r"^(shard-\d{5}-of-\d{5}\.parquet|manifest(\.worker-\d{5}-of-\d{5})?\.json)$")
+
+
+def part_manifest_name(num_workers: int, worker_index: int) -> str:
+    if num_workers == 1:
+        return MANIFEST
+    return f"manifest.worker-{worker_index:05d}-of-{num_workers:05d}.json"
+
+
+def run(config: PrecomputeConfig, scorer: Scorer | None = None) -> dict[str, Any]:
+    """Build (or resume) this worker's part of the cache. ``scorer``: an engine already
+    started by the caller (kept open), e.g. to score several datasets with one vLLM."""
+    started = time.monotonic()
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(config.tokenizer_path)
+    backend = resolve_backend(config.backend)
+    identity = cache_identity(config, backend, tokenizer)
+    cache_key = sha256_json(identity)
+    _claim_output(out, cache_key, config.overwrite)
+    with tempfile.TemporaryDirectory(prefix="kto-precompute-") as tmp:
+        prepared = prepare(config.data, tokenizer, config.tokenize, config.format,
+                           parse_column_map(config.columns), config.skip_invalid,
+                           Path(tmp) / "rows.arrow")
+        bounds = shard_bounds(prepared.rows.num_rows, config.shard_size)
+        mine = worker_shards(len(bounds), config.num_workers, config.worker_index)
+        infos, scored = _write_shards(config, backend, prepared.rows, bounds, mine, cache_key,
+                                      out, scorer)
+    manifest = build_manifest(identity, cache_key, prepared, len(bounds), infos, backend, config)
+    write_json(out / part_manifest_name(config.num_workers, config.worker_index), manifest)
+    if config.num_workers == 1:
+        verify_cache(out)
+    return _summary(manifest, scored, time.monotonic() - started, out, config)
+
+
+def _claim_output(out: Path, cache_key: str, overwrite: bool) -> None:
+    """Refuse to mix caches; --overwrite removes only files this tool writes."""
+    if overwrite:
+        for f in out.iterdir():
+            if _OUR_FILES.match(f.name):
+                f.unlink()
+        return
+    manifest = out / MANIFEST
+    if manifest.is_file() and cache_key not in manifest.read_text():
+        raise CacheError(f"{out} already holds a cache made with other settings; use a new "
+                         "--output directory or pass --overwrite")
+
+
+def _write_shards(config: PrecomputeConfig, backend: str, rows: pa.Table,
+                  bounds: list[tuple[int, int]], mine: list[int], cache_key: str,
+                  out: Path, scorer: Scorer | None) -> tuple[list[ShardInfo], dict[str, float]]:
+    infos: dict[int, ShardInfo] = {}
+    for s in mine:
+        for stale in out.glob(f".{shard_name(s, len(bounds))}.tmp-*"):  # a killed run's
+            stale.unlink()
+        info = existing_shard(out, shard_name(s, len(bounds)), cache_key)
+        if info is not None:
+            infos[s] = info
+    todo = [s for s in mine if s not in infos]
+    if infos:
+        log.info("reusing %d complete shard(s) from an earlier run", len(infos))
+    scored = {"rows": 0, "tokens": 0, "seconds": 0.0}
+    if todo:
+        own = scorer is None
+        scorer = scorer or _start_scorer(config, backend, rows)
+        try:
+            _score_todo(config, rows, bounds, todo, cache_key, out, scorer, infos, scored)
+        finally:
+            if own:
+                scorer.close()
+    return [infos[s] for s in mine], scored
+
+
+def _start_scorer(config: PrecomputeConfig, backend: str, rows: pa.Table):
+    lengths = [pc.max(pc.list_value_length(rows[c])).as_py()
+               for c in ("prompt_ids", "completion_ids")]
+    longest = min(config.tokenize.max_length, lengths[0] + lengths[1])
+    log.info("starting the %s scorer on %s (%s)", backend, config.model, config.dtype)
+    return make_scorer(backend, config.model, config.dtype, batch_tokens=config.batch_tokens,
+                       max_model_len=longest + 1,  # vLLM scores at most max_model_len - 1
+                       tensor_parallel_size=config.tensor_parallel_size,
+                       gpu_memory_utilization=config.gpu_memory_utilization,
+                       cpu_kv_cache_gib=config.cpu_kv_cache_gib, seed=config.seed)
+
+
+def _score_todo(config, rows, bounds, todo, cache_key, out, scorer, infos, scored) -> None:
+    total = sum(bounds[s][1] - bounds[s][0] for s in todo)
+    with tqdm(total=total, desc="score", unit="row", mininterval=1.0) as bar:
+        for s in todo:
+            start, stop = bounds[s]
+            t0 = time.monotonic()
+            table = score_shard(rows.slice(start, stop - start), s, config.seed,
+                                config.tokenize.max_length, scorer)
+            infos[s] = write_shard(out, shard_name(s, len(bounds)), table, cache_key)
+            scored["seconds"] += time.monotonic() - t0
+            scored["rows"] += stop - start
+            scored["tokens"] += infos[s].tokens
+            bar.update(stop - start)
+            bar.set_postfix_str(f"{scored['tokens'] / scored['seconds']:.0f} tok/s")
+
+
+def build_manifest(identity: dict[str, Any], cache_key: str, prepared: Prepared,
+                   num_shards: int, infos: list[ShardInfo], backend: str,
+                   config: PrecomputeConfig) -> dict[str, Any]:
+    labels = prepared.rows["label"]
+    desirable = pc.sum(labels).as_py() or 0
+    manifest = {
+        "format_version": CACHE_FORMAT_VERSION,
+        "cache_key": cache_key,
+        **identity,
+        "backend": {"name": backend, "versions": library_versions(backend)},
+        "data": {**identity["data"], "files": prepared.files},
+        "counts": {
+            "records": prepared.records,
+            "rows": prepared.rows.num_rows,
+            "desirable": desirable,
+            "undesirable": prepared.rows.num_rows - desirable,
+            "invalid": sum(prepared.invalid.counts.values()),
+            "invalid_by_reason": dict(sorted(prepared.invalid.counts.items())),
+            "invalid_samples": dict(sorted(prepared.invalid.samples.items())),
+        },
+        "tokens": sum(i.tokens for i in infos),
+        "num_shards": num_shards,
+        "shards": shard_infos(infos),
+    }
+    if config.num_workers > 1:
+        manifest["worker"] = {"index": config.worker_index, "num_workers": config.num_workers}
+    return manifest
+
+
+def _summary(manifest: dict[str, Any], scored: dict[str, float], seconds: float, out: Path,
+             config: PrecomputeConfig) -> dict[str, Any]:
+    rate = scored["seconds"] or float("nan")
+    return {
+        "output": str(out),
+        "manifest": part_manifest_name(config.num_workers, config.worker_index),
+        "backend": manifest["backend"]["name"],
+        "records": manifest["counts"]["records"],
+        "rows": manifest["counts"]["rows"],
+        "desirable": manifest["counts"]["desirable"],
+        "undesirable": manifest["counts"]["undesirable"],
+        "invalid_by_reason": manifest["counts"]["invalid_by_reason"],
+        "shards_written": len(manifest["shards"]),
+        "rows_scored_now": scored["rows"],
+        "tokens_scored_now": scored["tokens"],
+        "scoring_seconds": round(scored["seconds"], 2),
+        "total_seconds": round(seconds, 2),
+        "rows_per_second": round(scored["rows"] / rate, 1),
+        "tokens_per_second": round(scored["tokens"] / rate, 1),
+    }

@@ -1,0 +1,86 @@
+"""transformers scorer: sequences sorted by length, batched by a token budget,
+left-padded so that every row's completion ends at the last position; only the
+completion positions go through the LM head and the float32 log-softmax."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from precompute.scoring import Pair
+from shared.logprobs import token_logps
+
+log = logging.getLogger(__name__)
+
+
+def token_budget_batches(lengths: Sequence[int], budget: int) -> Iterator[list[int]]:
+    """Indices sorted by length, grouped so that rows x longest length <= budget
+    (a single row longer than the budget gets a batch of its own)."""
+    batch: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if batch and (len(batch) + 1) * lengths[i] > budget:
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+def left_pad(pairs: Sequence[Pair], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """input_ids, attention_mask, position_ids [B, T]; completion_len [B]."""
+    seqs = [list(p) + list(c) for p, c in pairs]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[b, width - len(s):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    completion_len = torch.tensor([len(c) for _, c in pairs], dtype=torch.long)
+    return ids, mask, positions, completion_len
+
+
+class HFScorer:
+    name = "hf"
+
+    def __init__(self, model_path: str, dtype: str, batch_tokens: int):
+        from transformers import AutoModelForCausalLM
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=getattr(torch, dtype)).to(self.device).eval()
+        self.batch_tokens = batch_tokens
+        self.pad_id = self.model.config.pad_token_id or 0  # masked out; any valid id works
+        self.keep_arg = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+
+    @torch.inference_mode()
+    def score(self, pairs: Sequence[Pair]) -> np.ndarray:
+        out = np.zeros(len(pairs), dtype=np.float64)
+        lengths = [len(p) + len(c) for p, c in pairs]
+        for batch in token_budget_batches(lengths, self.batch_tokens):
+            out[batch] = self._score_batch([pairs[i] for i in batch])
+        return out
+
+    def _score_batch(self, pairs: Sequence[Pair]) -> np.ndarray:
+        ids, mask, positions, clen = (t.to(self.device) for t in left_pad(pairs, self.pad_id))
+        k = int(clen.max())  # positions T-k-1 .. T-2 predict the last k tokens
+        kwargs = {"logits_to_keep": k + 1} if self.keep_arg else {}
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                            **kwargs).logits[:, -(k + 1):-1]
+        lp = token_logps(logits, ids[:, -k:])
+        in_completion = torch.arange(k, device=self.device)[None, :] >= (k - clen)[:, None]
+        # where, not multiply: a fully padded query row may hold non-finite values. The
+        # sum runs in float64: a float32 sum of ~1000 terms drifts by ~1e-4 nats.
+        return torch.where(in_completion, lp, 0.0).double().sum(-1).cpu().numpy()
+
+    def versions(self) -> dict[str, str]:
+        import transformers
+
+        return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+    def close(self) -> None:
+        del self.model

@@ -1,0 +1,66 @@
+"""Shard planning and the scoring of one shard (KL partners + both sequences)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from precompute.scoring import Scorer
+from shared.errors import ConfigError
+from shared.kl import kl_partners
+from shared.tokenization import fit_completion
+
+
+def shard_bounds(num_rows: int, shard_size: int) -> list[tuple[int, int]]:
+    """[start, stop) of each shard: a function of row count and shard size only, so
+    any number of workers sees the same shards. A last shard of one row (which could
+    have no KL partner) is merged into the one before it."""
+    if num_rows < 2:
+        raise ConfigError(f"the data hold {num_rows} valid row(s); KTO's KL pairs need at "
+                          "least 2")
+    bounds = [(s, min(s + shard_size, num_rows)) for s in range(0, num_rows, shard_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], num_rows)]
+    return bounds
+
+
+def worker_shards(num_shards: int, num_workers: int, worker_index: int) -> list[int]:
+    """Round-robin, so workers get near-equal work even when shards are few."""
+    return [s for s in range(num_shards) if s % num_workers == worker_index]
+
+
+def kl_completions(prompts: Sequence[list[int]], completions: Sequence[list[int]],
+                   partners: Sequence[int], max_length: int) -> list[list[int]]:
+    return [fit_completion(prompts[i], completions[j], max_length)
+            for i, j in enumerate(partners)]
+
+
+def score_shard(rows: pa.Table, shard_index: int, seed: int, max_length: int,
+                scorer: Scorer) -> pa.Table:
+    """Pair every row with a KL partner and score target and KL sequences in one call
+    (one scorer call lets it batch and sort all 2n sequences together)."""
+    prompts = rows["prompt_ids"].to_pylist()
+    completions = rows["completion_ids"].to_pylist()
+    ids = rows["id"].to_pylist()
+    partners = kl_partners(prompts, seed, shard_index)
+    kl = kl_completions(prompts, completions, partners, max_length)
+    scores = scorer.score(list(zip(prompts, completions, strict=True))
+                          + list(zip(prompts, kl, strict=True)))
+    n = len(ids)
+    if not np.isfinite(scores).all():
+        bad = [ids[i % n] for i in np.flatnonzero(~np.isfinite(scores))[:5]]
+        raise ConfigError(f"the reference model gave non-finite log-probs for rows {bad}; "
+                          "check the model weights and --dtype (float32 is the safe choice)")
+    return pa.table({
+        "id": ids,
+        "source_index": rows["source_index"],
+        "label": rows["label"],
+        "prompt_ids": rows["prompt_ids"],
+        "completion_ids": rows["completion_ids"],
+        "kl_completion_ids": pa.array(kl, type=pa.list_(pa.int32())),
+        "kl_partner": [ids[j] for j in partners],
+        "ref_logps": pa.array(scores[:n], type=pa.float64()),
+        "ref_kl_logps": pa.array(scores[n:], type=pa.float64()),
+    })

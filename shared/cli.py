@@ -1,0 +1,69 @@
+"""Pieces both command-line tools use: logging set up once, ``--config file.yaml``
+(defaults < file < flags), and user errors printed cleanly at the CLI edge."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from shared.errors import KtoError
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+
+
+def load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    """Eager callback: YAML keys become defaults for the options that follow, so flags
+    given on the command line still win."""
+    if not value:
+        return
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(value).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise click.BadParameter(f"cannot read {value}: {err}") from None
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{value}: expected a mapping of option names to values")
+    known = {p.name for p in ctx.command.params}
+    normalized = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(normalized) - known)
+    if unknown:
+        raise click.BadParameter(f"{value}: unknown option(s) {unknown}")
+    ctx.default_map = {**(ctx.default_map or {}), **normalized}
+
+
+def config_option(fn: Callable) -> Callable:
+    return click.option("--config", type=click.Path(exists=True, dir_okay=False),
+                        callback=load_config_file, is_eager=True, expose_value=False,
+                        help="YAML file of option values (flags given here win).")(fn)
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the project's typed errors into one clean message and exit code 2."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KtoError as err:
+            raise click.ClickException(str(err)) from None
+    return wrapper
+
+
+class DefaultGroup(click.Group):
+    """A group whose first command runs when no command name is given, so
+    ``kto-precompute --model M ...`` and ``kto-precompute run --model M ...`` agree."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = [next(iter(self.commands)), *args]
+        return super().parse_args(ctx, args)

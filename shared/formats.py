@@ -1,0 +1,218 @@
+"""Input shapes, detected from a record's fields (or forced), turned into KTO
+examples: one (prompt, completion, label) per unpaired record, two per pair.
+
+A prompt or completion is either text or a list of ``{"role", "content"}``
+messages; ShareGPT's ``{"from", "value"}`` messages are accepted and renamed."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Union
+
+from shared.errors import ConfigError, InputError
+
+Message = dict[str, str]
+Content = Union[str, list[Message]]  # noqa: UP007 (py3.10 runtime alias)
+
+SHAPES = ("unpaired", "paired", "implicit_prompt", "messages", "sharegpt_pairs")
+CANONICAL_FIELDS = ("prompt", "completion", "label", "chosen", "rejected", "messages",
+                    "conversations")
+_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+          "system": "system"}
+# HH-RLHF style text: the prompt ends after the last assistant marker both sides share.
+_ASSISTANT_MARKER = "Assistant:"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One KTO row before tokenization. ``side``: 'u' unpaired, 'c' chosen, 'r' rejected."""
+
+    source_index: int
+    side: str
+    label: bool
+    prompt: Content
+    completion: Content
+
+
+@dataclass(frozen=True)
+class RecordRef:
+    """Where a record came from, for error messages."""
+
+    path: str
+    index: int
+
+    def error(self, field: str, reason: str, expected: str, seen: Any) -> InputError:
+        return InputError(self.path, self.index, field, reason, expected, _describe(seen))
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
+def parse_column_map(items: tuple[str, ...]) -> dict[str, str]:
+    """``("label=kto_tag", ...)`` -> ``{"label": "kto_tag"}`` (canonical name -> source name)."""
+    mapping: dict[str, str] = {}
+    for item in items:
+        canonical, sep, source = item.partition("=")
+        if not sep or canonical not in CANONICAL_FIELDS or not source:
+            raise ConfigError(
+                f"--column {item!r}: expected CANONICAL=SOURCE with CANONICAL one of "
+                f"{', '.join(CANONICAL_FIELDS)}, e.g. --column label=kto_tag")
+        mapping[canonical] = source
+    return mapping
+
+
+def apply_column_map(record: Mapping[str, Any], mapping: Mapping[str, str]) -> dict[str, Any]:
+    out = dict(record)
+    for canonical, source in mapping.items():
+        if source in out:
+            out[canonical] = out.pop(source)
+    return out
+
+
+def detect_shape(record: Any, ref: RecordRef) -> str:
+    """Pick the input shape from the fields of the first record."""
+    if not isinstance(record, Mapping):
+        raise ref.error("<record>", "wrong type", "a JSON object", record)
+    keys = set(record)
+    if {"conversations", "chosen", "rejected"} <= keys:
+        return "sharegpt_pairs"
+    if ("messages" in keys or "conversations" in keys) and "label" in keys:
+        return "messages"
+    if {"prompt", "chosen", "rejected"} <= keys:
+        return "paired"
+    if {"chosen", "rejected"} <= keys:
+        return "implicit_prompt"
+    if {"prompt", "completion", "label"} <= keys:
+        return "unpaired"
+    raise ref.error(
+        "<record>", "cannot detect the input format",
+        "prompt/completion/label, prompt/chosen/rejected, chosen/rejected, messages+label or "
+        "conversations/chosen/rejected (rename columns with --column, or force --format)",
+        sorted(keys))
+
+
+def to_examples(record: Any, shape: str, ref: RecordRef, source_index: int) -> list[Example]:
+    """Validate one record of a known shape and return its KTO examples."""
+    if not isinstance(record, Mapping):
+        raise ref.error("<record>", "wrong type", "a JSON object", record)
+    if shape == "unpaired":
+        prompt = _content(record, "prompt", ref, allow_empty=True)
+        completion = _content(record, "completion", ref)
+        return [Example(source_index, "u", _label(record, ref), prompt, completion)]
+    if shape == "messages":
+        key = "messages" if "messages" in record else "conversations"
+        msgs = _messages(_field(record, key, ref), key, ref)
+        if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
+            raise ref.error(key, "malformed conversation",
+                            "at least one prompt message followed by a final assistant message",
+                            [m["role"] for m in msgs])
+        return [Example(source_index, "u", _label(record, ref), msgs[:-1], msgs[-1:])]
+    if shape == "paired":
+        prompt = _content(record, "prompt", ref, allow_empty=True)
+        return _pair(source_index, prompt, _content(record, "chosen", ref),
+                     _content(record, "rejected", ref))
+    if shape == "implicit_prompt":
+        prompt, chosen, rejected = _split_shared_prompt(
+            _content(record, "chosen", ref), _content(record, "rejected", ref), ref)
+        return _pair(source_index, prompt, chosen, rejected)
+    if shape == "sharegpt_pairs":
+        prompt = _messages(_field(record, "conversations", ref), "conversations", ref)
+        if not prompt:
+            raise ref.error("conversations", "empty conversation", "at least one message", [])
+        chosen = _messages([_field(record, "chosen", ref)], "chosen", ref)
+        rejected = _messages([_field(record, "rejected", ref)], "rejected", ref)
+        return _pair(source_index, prompt, chosen, rejected)
+    raise ConfigError(f"unknown --format {shape!r}: expected auto or one of {', '.join(SHAPES)}")
+
+
+def _pair(source_index: int, prompt: Content, chosen: Content, rejected: Content) -> list[Example]:
+    return [Example(source_index, "c", True, prompt, chosen),
+            Example(source_index, "r", False, prompt, rejected)]
+
+
+def _field(record: Mapping[str, Any], name: str, ref: RecordRef) -> Any:
+    if name not in record or record[name] is None:
+        raise ref.error(name, "missing field", f"a value for '{name}'", sorted(record))
+    return record[name]
+
+
+def _label(record: Mapping[str, Any], ref: RecordRef) -> bool:
+    value = _field(record, "label", ref)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ref.error("label", "wrong type", "a boolean (true = desirable) or 0/1", value)
+
+
+def _content(record: Mapping[str, Any], name: str, ref: RecordRef,
+             allow_empty: bool = False) -> Content:
+    value = _field(record, name, ref)
+    if isinstance(value, str):
+        if not value and not allow_empty:
+            raise ref.error(name, "empty completion", "non-empty text", value)
+        return value
+    if isinstance(value, list):
+        msgs = _messages(value, name, ref)
+        if not msgs and not allow_empty:
+            raise ref.error(name, "empty completion", "at least one message", value)
+        return msgs
+    raise ref.error(name, "wrong type", "text or a list of {role, content} messages", value)
+
+
+def _messages(value: Any, name: str, ref: RecordRef) -> list[Message]:
+    if not isinstance(value, list):
+        raise ref.error(name, "wrong type", "a list of {role, content} messages", value)
+    out = []
+    for i, msg in enumerate(value):
+        where = f"{name}[{i}]"
+        if not isinstance(msg, Mapping):
+            raise ref.error(where, "malformed message", "an object with role and content", msg)
+        role = msg.get("role", msg.get("from"))
+        content = msg.get("content", msg.get("value"))
+        if role not in _ROLES:
+            raise ref.error(f"{where}.role", "malformed message",
+                            f"one of {', '.join(sorted(_ROLES))}", role)
+        if not isinstance(content, str):
+            raise ref.error(f"{where}.content", "malformed message", "a string", content)
+        out.append({"role": _ROLES[role], "content": content})
+    return out
+
+
+def _split_shared_prompt(chosen: Content, rejected: Content,
+                         ref: RecordRef) -> tuple[Content, Content, Content]:
+    """HH-RLHF style: the prompt is the shared prefix up to the last assistant turn."""
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        k = _common_prefix_len(chosen, rejected)
+        cut = chosen.rfind(_ASSISTANT_MARKER, 0, k)
+        if cut >= 0:
+            k = cut + len(_ASSISTANT_MARKER)
+        elif k > 0 and chosen[k - 1] == " ":  # keep the space with the completion
+            k -= 1
+        if k == 0 or k >= min(len(chosen), len(rejected)):
+            raise ref.error("chosen", "no shared prompt", "chosen and rejected that share a "
+                            "prompt and then differ", chosen[:60])
+        return chosen[:k], chosen[k:], rejected[k:]
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        k = _common_prefix_len(chosen, rejected)
+        while k > 0 and not (k < len(chosen) and k < len(rejected)
+                             and chosen[k]["role"] == rejected[k]["role"] == "assistant"):
+            k -= 1
+        if k == 0:
+            raise ref.error("chosen", "no shared prompt", "conversations sharing the messages "
+                            "before a final assistant turn", [m["role"] for m in chosen])
+        return chosen[:k], chosen[k:], rejected[k:]
+    raise ref.error("rejected", "wrong type", "the same type as 'chosen' (text or messages)",
+                    rejected)
+
+
+def _common_prefix_len(a: Any, b: Any) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
