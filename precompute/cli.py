@@ -103,3 +103,7 @@ def verify_command(cache: str, no_checksums: bool) -> None:
     manifest = verify_cache(cache, checksums=not no_checksums)
     click.echo(describe_cache(manifest))
     click.echo("OK: all shards present" + ("" if no_checksums else ", checksums match"))
+
+
+if __name__ == "__main__":  # python -m precompute.cli; vLLM spawns workers, so guard it
+    main()

@@ -41,13 +41,18 @@ def build_tokenizer(vocab_size: int = 1024):
                                    pad_token="<pad>", chat_template=CHAT_TEMPLATE)
 
 
-def build_model(tokenizer, seed: int = 0, layers: int = 2):
+def build_model(tokenizer, seed: int = 0, layers: int = 2, hidden: int = 64,
+                vocab_size: int | None = None):
+    """A random Llama; head_dim is always 32. ``vocab_size`` may exceed the tokenizer's
+    (the extra rows cost compute as a real vocabulary would, and are never targets)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-        num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+        vocab_size=vocab_size or len(tokenizer), hidden_size=hidden,
+        intermediate_size=2 * hidden if hidden == 64 else 4 * hidden,
+        num_hidden_layers=layers, num_attention_heads=hidden // 32,
+        num_key_value_heads=hidden // 32,
         max_position_embeddings=2048, initializer_range=0.2, tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
@@ -55,11 +60,11 @@ def build_model(tokenizer, seed: int = 0, layers: int = 2):
     return LlamaForCausalLM(config).eval()
 
 
-def save_tiny(directory: Path, seed: int = 0) -> Path:
+def save_tiny(directory: Path, seed: int = 0, **shape) -> Path:
     """Write tokenizer + model to ``directory`` (usable by transformers and vLLM)."""
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    build_model(tokenizer, seed).save_pretrained(directory)
+    build_model(tokenizer, seed, **shape).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 

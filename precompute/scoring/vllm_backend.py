@@ -57,6 +57,12 @@ def sum_prompt_logprobs(output: Any, pair: Pair) -> float:
     return float(sum(entries[start + i][tok].logprob for i, tok in enumerate(completion)))
 
 
+def _drop_warmup_noise(record: logging.LogRecord) -> bool:
+    """With skip_tokenizer_init vLLM still warms up chat templating, fails for want of a
+    tokenizer, and logs a traceback. We never render chat in vLLM: drop that record."""
+    return "Chat template warmup failed" not in record.getMessage()
+
+
 class VLLMScorer:
     name = "vllm"
 
@@ -71,6 +77,7 @@ class VLLMScorer:
         os.environ.setdefault("VLLM_RPC_BASE_PATH", self._rpc_dir)
         from vllm import LLM
 
+        logging.getLogger("vllm.renderers.base").addFilter(_drop_warmup_noise)
         try:
             self.llm = LLM(model=model_path, skip_tokenizer_init=True, dtype=dtype,
                            tensor_parallel_size=tensor_parallel_size,
