@@ -45,7 +45,7 @@ def precompute(model: Path, data: list[str], out: Path, backend: str, args) -> d
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         sys.exit(proc.stderr[-3000:])
-    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    summary = json.loads(proc.stdout)
     summary["wall_seconds_with_startup"] = round(time.monotonic() - t0, 1)
     return summary
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import click
@@ -66,6 +67,10 @@ def run_command(max_length: int, max_prompt_length: int, truncation_mode: str, d
                 format_: str, verbose: bool, **options) -> None:
     """Score a dataset under the reference model and write the cache."""
     setup_logging(verbose)
+    # stdout carries only the JSON summary (pipelines parse it); vLLM logs to stdout at
+    # INFO by default: send it to stderr and keep it to warnings unless -v.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     from precompute.run import run
 
     config = PrecomputeConfig(
@@ -103,6 +108,18 @@ def verify_command(cache: str, no_checksums: bool) -> None:
     manifest = verify_cache(cache, checksums=not no_checksums)
     click.echo(describe_cache(manifest))
     click.echo("OK: all shards present" + ("" if no_checksums else ", checksums match"))
+
+
+@main.command("compare")
+@click.argument("cache_a", type=click.Path(exists=True, file_okay=False))
+@click.argument("cache_b", type=click.Path(exists=True, file_okay=False))
+@user_errors
+def compare_command(cache_a: str, cache_b: str) -> None:
+    """Max/mean/median |difference| of reference values between two caches of the same
+    rows (e.g. --dtype bfloat16 vs float32, or vLLM vs hf)."""
+    from precompute.compare import compare_caches
+
+    click.echo(json.dumps(compare_caches(Path(cache_a), Path(cache_b)), indent=2))
 
 
 if __name__ == "__main__":  # python -m precompute.cli; vLLM spawns workers, so guard it

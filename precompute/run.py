@@ -3,6 +3,7 @@ complete ones from an earlier run), write the manifest, print a summary."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import tempfile
@@ -30,7 +31,7 @@ from shared.cache import (
     write_json,
     write_shard,
 )
-from shared.errors import CacheError
+from shared.errors import CacheError, ConfigError
 from shared.fingerprint import sha256_json
 from shared.formats import parse_column_map
 
@@ -79,7 +80,7 @@ def _claim_output(out: Path, cache_key: str, overwrite: bool) -> None:
                 f.unlink()
         return
     manifest = out / MANIFEST
-    if manifest.is_file() and cache_key not in manifest.read_text():
+    if manifest.is_file() and json.loads(manifest.read_text()).get("cache_key") != cache_key:
         raise CacheError(f"{out} already holds a cache made with other settings; use a new "
                          "--output directory or pass --overwrite")
 
@@ -113,12 +114,24 @@ def _start_scorer(config: PrecomputeConfig, backend: str, rows: pa.Table):
     lengths = [pc.max(pc.list_value_length(rows[c])).as_py()
                for c in ("prompt_ids", "completion_ids")]
     longest = min(config.tokenize.max_length, lengths[0] + lengths[1])
+    check_position_limit(config.model, longest)
     log.info("starting the %s scorer on %s (%s)", backend, config.model, config.dtype)
     return make_scorer(backend, config.model, config.dtype, batch_tokens=config.batch_tokens,
                        max_model_len=longest + 1,  # vLLM scores at most max_model_len - 1
                        tensor_parallel_size=config.tensor_parallel_size,
                        gpu_memory_utilization=config.gpu_memory_utilization,
                        cpu_kv_cache_gib=config.cpu_kv_cache_gib, seed=config.seed)
+
+
+def check_position_limit(model: str, longest: int) -> None:
+    """Both backends need every sequence within the model's positions (vLLM refuses,
+    transformers would silently extrapolate)."""
+    from transformers import AutoConfig
+
+    limit = getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None)
+    if limit is not None and longest + 1 > limit:
+        raise ConfigError(f"sequences reach {longest} tokens but {model} has "
+                          f"{limit} positions; lower --max-length to {limit - 1} or less")
 
 
 def _score_todo(config, rows, bounds, todo, cache_key, out, scorer, infos, scored) -> None:

@@ -17,7 +17,7 @@ from tiny import write_jsonl
 
 from precompute.cli import main
 from shared.cache import SCHEMA, verify_cache
-from shared.errors import CacheError
+from shared.errors import CacheError, ConfigError
 from shared.fingerprint import tokenizer_fingerprint
 
 TESTS = Path(__file__).parent
@@ -187,3 +187,26 @@ def test_multiple_files_get_one_global_record_index(tiny_dir, tmp_path):
     assert [f["format"] for f in manifest["data"]["files"]] == ["unpaired", "paired"]
     assert sorted(table["source_index"].to_pylist()) == [0, 1, 2, 3, 4, 5, 5]
     assert np.isfinite(table["ref_logps"].to_numpy()).all()
+
+
+def test_sequences_beyond_the_models_positions_are_refused(tiny_dir, tmp_path):
+    data = write_jsonl(tmp_path / "long.jsonl", [
+        {"prompt": "word " * 1500, "completion": "ok " * 900, "label": i % 2 == 0}
+        for i in range(2)])
+    with pytest.raises(ConfigError, match="has 2048 positions; lower --max-length to 2047"):
+        build_cache(tiny_dir, [data], tmp_path / "out", max_length=4000, max_prompt_length=3000)
+
+
+def test_compare_reports_drift_between_dtypes(tiny_dir, tmp_path):
+    data = synthetic(tmp_path, n=12)
+    build_cache(tiny_dir, [data], tmp_path / "fp32")
+    build_cache(tiny_dir, [data], tmp_path / "bf16", dtype="bfloat16")
+    same = CliRunner().invoke(main, ["compare", str(tmp_path / "fp32"), str(tmp_path / "fp32")])
+    assert json.loads(same.output)["ref_logps"]["max"] == 0.0
+    drift = json.loads(CliRunner().invoke(
+        main, ["compare", str(tmp_path / "bf16"), str(tmp_path / "fp32")]).output)
+    assert drift["rows"] == 12 and drift["ref_logps"]["max"] > 1e-2
+    other = synthetic(tmp_path, n=6, name="other.jsonl")
+    build_cache(tiny_dir, [other], tmp_path / "other")
+    bad = CliRunner().invoke(main, ["compare", str(tmp_path / "fp32"), str(tmp_path / "other")])
+    assert bad.exit_code == 1 and "do not hold the same rows" in bad.output

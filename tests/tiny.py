@@ -72,3 +72,9 @@ def save_tiny(directory: Path, seed: int = 0, **shape) -> Path:
 def write_jsonl(path: Path, records: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
+
+
+if __name__ == "__main__":  # python tests/tiny.py DIR: the tiny model the README example uses
+    import sys
+
+    print(save_tiny(Path(sys.argv[1])))
