@@ -36,8 +36,7 @@ from shared.fingerprint import sha256_json
 from shared.formats import parse_column_map
 
 log = logging.getLogger(__name__)
-_OUR_FILES = re.compile(
-    r"^(shard-\d{5}-of-\d{5}\.parquet|manifest(\.worker-\d{5}-of-\d{5})?\.json)$")
+_SHARD = re.compile(r"^shard-(\d{5})-of-\d{5}\.parquet$")
 
 
 def part_manifest_name(num_workers: int, worker_index: int) -> str:
@@ -56,7 +55,7 @@ def run(config: PrecomputeConfig, scorer: Scorer | None = None) -> dict[str, Any
     backend = resolve_backend(config.backend)
     identity = cache_identity(config, backend, tokenizer)
     cache_key = sha256_json(identity)
-    _claim_output(out, cache_key, config.overwrite)
+    _claim_output(out, cache_key, config)
     with tempfile.TemporaryDirectory(prefix="kto-precompute-") as tmp:
         prepared = prepare(config.data, tokenizer, config.tokenize, config.format,
                            parse_column_map(config.columns), config.skip_invalid,
@@ -72,17 +71,25 @@ def run(config: PrecomputeConfig, scorer: Scorer | None = None) -> dict[str, Any
     return _summary(manifest, scored, time.monotonic() - started, out, config)
 
 
-def _claim_output(out: Path, cache_key: str, overwrite: bool) -> None:
-    """Refuse to mix caches; --overwrite removes only files this tool writes."""
-    if overwrite:
+def _claim_output(out: Path, cache_key: str, config: PrecomputeConfig) -> None:
+    """Refuse to mix caches. --overwrite removes only what this worker would write (its
+    shards, its part manifest, the combined manifest): workers may share a directory."""
+    if config.overwrite:
         for f in out.iterdir():
-            if _OUR_FILES.match(f.name):
+            if _owned_by(f.name, config.num_workers, config.worker_index):
                 f.unlink()
         return
     manifest = out / MANIFEST
     if manifest.is_file() and json.loads(manifest.read_text()).get("cache_key") != cache_key:
         raise CacheError(f"{out} already holds a cache made with other settings; use a new "
                          "--output directory or pass --overwrite")
+
+
+def _owned_by(name: str, num_workers: int, worker_index: int) -> bool:
+    shard = _SHARD.match(name)
+    if shard:
+        return int(shard.group(1)) % num_workers == worker_index
+    return name in (MANIFEST, part_manifest_name(num_workers, worker_index))
 
 
 def _write_shards(config: PrecomputeConfig, backend: str, rows: pa.Table,

@@ -210,3 +210,15 @@ def test_compare_reports_drift_between_dtypes(tiny_dir, tmp_path):
     build_cache(tiny_dir, [other], tmp_path / "other")
     bad = CliRunner().invoke(main, ["compare", str(tmp_path / "fp32"), str(tmp_path / "other")])
     assert bad.exit_code == 1 and "do not hold the same rows" in bad.output
+
+
+def test_overwrite_by_one_worker_keeps_other_workers_shards(tiny_dir, tmp_path):
+    data = synthetic(tmp_path, n=20)
+    out = tmp_path / "shared-dir"
+    for i in range(2):
+        build_cache(tiny_dir, [data], out, shard_size=5, num_workers=2, worker_index=i)
+    theirs = {f.name: f.stat().st_mtime_ns for f in out.glob("shard-0000[13]-*")}
+    build_cache(tiny_dir, [data], out, shard_size=5, num_workers=2, worker_index=0,
+                overwrite=True)
+    assert {f.name: f.stat().st_mtime_ns for f in out.glob("shard-0000[13]-*")} == theirs
+    assert CliRunner().invoke(main, ["combine", str(out)]).exit_code == 0

@@ -73,8 +73,11 @@ class VLLMScorer:
         if on_cpu:
             for key, value in cpu_env_defaults(cpu_kv_cache_gib).items():
                 os.environ.setdefault(key, value)
-        self._rpc_dir = tempfile.mkdtemp(prefix="kto-vllm-")  # its socket files go here
-        os.environ.setdefault("VLLM_RPC_BASE_PATH", self._rpc_dir)
+        # vLLM leaves socket files in the temp folder; give it a folder we remove on close
+        self._rpc_dir = None
+        if "VLLM_RPC_BASE_PATH" not in os.environ:
+            self._rpc_dir = tempfile.mkdtemp(prefix="kto-vllm-")
+            os.environ["VLLM_RPC_BASE_PATH"] = self._rpc_dir
         from vllm import LLM
 
         logging.getLogger("vllm.renderers.base").addFilter(_drop_warmup_noise)
@@ -126,4 +129,6 @@ class VLLMScorer:
         """Ends vLLM's worker processes (they exit when the engine is collected)."""
         del self.llm
         gc.collect()
-        shutil.rmtree(self._rpc_dir, ignore_errors=True)
+        if self._rpc_dir is not None:
+            os.environ.pop("VLLM_RPC_BASE_PATH", None)
+            shutil.rmtree(self._rpc_dir, ignore_errors=True)
