@@ -42,10 +42,19 @@ def load_config_file(ctx: click.Context, _param: click.Parameter, value: str | N
     ctx.default_map = {**(ctx.default_map or {}), **normalized}
 
 
+_CONFIG_ATTRS = {"type": click.Path(exists=True, dir_okay=False), "callback": load_config_file,
+                 "is_eager": True, "expose_value": False,
+                 "help": "YAML file of option values (flags given here win)."}
+
+
 def config_option(fn: Callable) -> Callable:
-    return click.option("--config", type=click.Path(exists=True, dir_okay=False),
-                        callback=load_config_file, is_eager=True, expose_value=False,
-                        help="YAML file of option values (flags given here win).")(fn)
+    """Decorator form of --config, for commands written as functions."""
+    return click.option("--config", **_CONFIG_ATTRS)(fn)
+
+
+def config_param() -> click.Option:
+    """--config for commands built from a list of parameters."""
+    return click.Option(["--config"], **_CONFIG_ATTRS)
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -1,13 +1,83 @@
-"""kto-train: not built yet (its issue follows kto-precompute)."""
+"""kto-train: the command line. Options are generated from TrainConfig so names and
+defaults live in one place; --config file.yaml sets them too (flags win)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
+
 import click
 
+from shared.cli import config_param, setup_logging, user_errors
+from train.config import REPORT_TO, SCHEDULERS, TrainConfig
+from train.loss import LOSS_TYPES
 
-@click.command(context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def main(args: tuple[str, ...]) -> None:
-    """Policy-only KTO training from a kto-precompute cache: not built yet."""
-    raise click.ClickException("kto-train is not built yet: this release ships kto-precompute "
-                               "only. Verify a cache with `kto-precompute verify DIR`.")
+log = logging.getLogger(__name__)
+
+HELP = {
+    "model": "Policy to train (local directory or hub name); also its initial weights.",
+    "cache": "Reference cache written by kto-precompute.",
+    "output": "Directory for metrics.jsonl, checkpoints and the final model.",
+    "eval_cache": "A second cache to evaluate on (metrics with an eval_ prefix).",
+    "tokenizer": "Tokenizer if not the policy's; must match the cache's fingerprint.",
+    "beta": "KTO beta: scale of the implicit reward.",
+    "loss_type": "kto, or apo_zero_unpaired (no KL term).",
+    "ftx_gamma": "Weight of the SFT term on desirable rows (LLaMA-Factory's pref_ftx).",
+    "num_train_epochs": "Epochs (fractions allowed); --max-steps wins when > 0.",
+    "max_steps": "Optimizer steps; -1 = from --num-train-epochs.",
+    "max_grad_norm": "Clip gradients to this norm (0 = no clipping; the norm is logged).",
+    "bf16": "bf16 autocast (weights and optimizer stay in float32).",
+    "group_by_length": "Batch rows of similar length together to save padding.",
+    "logging_steps": "Log every N steps (and always step 1, from the initial weights).",
+    "save_steps": "Checkpoint every N steps (0 = only the final model).",
+    "save_total_limit": "Keep the N newest checkpoints (0 = all).",
+    "eval_steps": "Evaluate every N steps (0 = at the end only).",
+    "resume_from_checkpoint": "latest (newest in --output) or a checkpoint directory.",
+    "lora_r": "LoRA rank; > 0 trains adapters through peft.",
+    "lora_target_modules": "all-linear or a comma-separated list of module names.",
+    "merge_lora": "Also save the merged model (adapters are always saved).",
+}
+CHOICES = {"loss_type": LOSS_TYPES, "lr_scheduler_type": SCHEDULERS, "report_to": REPORT_TO}
+REQUIRED = ("model", "cache", "output")
+
+
+def _option(field: dataclasses.Field) -> click.Option:
+    name = "--" + field.name.replace("_", "-")
+    kwargs = {"help": HELP.get(field.name), "show_default": True}
+    if field.name in REQUIRED:
+        return click.Option([name, field.name], required=True, **kwargs)
+    default = field.default
+    if isinstance(default, bool):
+        return click.Option([f"{name}/--no-{name[2:]}", field.name], default=default, **kwargs)
+    kind = click.Choice(CHOICES[field.name]) if field.name in CHOICES else (
+        type(default) if default is not None else str)
+    return click.Option([name, field.name], type=kind, default=default, **kwargs)
+
+
+@user_errors
+def _run(verbose: bool, **options) -> None:
+    setup_logging(verbose)
+    from train.trainer import Trainer
+
+    trainer = Trainer(TrainConfig(**options))
+    trainer.setup()
+    try:
+        final = trainer.train()
+        trainer.save()
+    finally:
+        trainer.cleanup()
+    if trainer.accelerator.is_main_process:
+        click.echo(json.dumps({"output": str(trainer.out), **final},
+                              indent=2))
+
+
+main = click.Command(
+    "kto-train", callback=_run,
+    params=[config_param(), *(_option(f) for f in dataclasses.fields(TrainConfig)),
+            click.Option(["-v", "--verbose"], is_flag=True)],
+    help="Train the policy with KTO from a kto-precompute cache; no reference model is "
+         "loaded. Multi-GPU: accelerate launch -m train.cli ... (see README).")
+
+if __name__ == "__main__":  # accelerate launch -m train.cli
+    main()

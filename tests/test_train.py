@@ -1,0 +1,130 @@
+"""kto-train on the tiny local models: cached reference == live reference, resume
+after kill -9 == uninterrupted, refusals, non-finite loss, metrics."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import assert_trajectories_close, assert_weights_close
+from train_helpers import (
+    build_polite_cache,
+    final_weights,
+    make_policy,
+    read_metrics,
+    run_training,
+)
+
+from shared.logprobs import sequence_logps
+from train.cli import main
+from train.trainer import NonFiniteLossError
+
+TESTS = Path(__file__).parent
+TRAJECTORY = ("loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen",
+              "logps/rejected")
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    cache = build_polite_cache(tiny_dir, root, range(0, 24), "train-cache")
+    return {"root": root, "cache": cache, "policy": make_policy(root, seed=1)}
+
+
+def test_cached_reference_equals_live_reference(setup, tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    ref_model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+
+    @torch.no_grad()
+    def live(batch):
+        def logps(seqs):
+            logits = ref_model(input_ids=seqs["input_ids"],
+                               attention_mask=seqs["attention_mask"]).logits
+            return sequence_logps(logits, seqs["input_ids"], seqs["completion_mask"]).double()
+        return logps(batch["target"]), logps(batch["kl"])
+
+    root = setup["root"]
+    cached_m, cached_w = run_training(setup["policy"], setup["cache"], root / "cached")
+    live_m, live_w = run_training(setup["policy"], setup["cache"], root / "live", reference=live)
+    assert len(cached_m) == 4
+    assert_trajectories_close(cached_m, live_m, TRAJECTORY)
+    assert abs(cached_m[0]["rewards/chosen"]) > 1e-2  # the policy differs from the reference
+    assert_weights_close(cached_w, live_w)
+
+
+def test_resume_after_kill_equals_uninterrupted(setup):
+    root = setup["root"]
+    args = ["--model", str(setup["policy"]), "--cache", str(setup["cache"]),
+            "--learning-rate", "1e-3", "--per-device-train-batch-size", "4",
+            "--logging-steps", "1", "--max-steps", "6", "--save-steps", "3"]
+    clean = root / "uninterrupted"
+    assert CliRunner().invoke(main, [*args, "--output", str(clean)]).exit_code == 0
+    crashed = root / "crashed"
+    proc = subprocess.run([sys.executable, str(TESTS / "train_crash_driver.py"), "4", *args,
+                           "--output", str(crashed)], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (crashed / "checkpoint-3").is_dir() and not (crashed / "model.safetensors").exists()
+    result = CliRunner().invoke(main, [*args, "--output", str(crashed),
+                                       "--resume-from-checkpoint", "latest"])
+    assert result.exit_code == 0, result.output
+    assert_weights_close(final_weights(crashed), final_weights(clean))
+    resumed, uninterrupted = read_metrics(crashed), read_metrics(clean)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
+    assert_trajectories_close(resumed, uninterrupted, (*TRAJECTORY, "learning_rate"))
+
+
+def test_damaged_shard_is_refused_by_name(setup, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(setup["cache"], cache)
+    shard = sorted(cache.glob("shard-*.parquet"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[200] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    result = CliRunner().invoke(main, ["--model", str(setup["policy"]), "--cache", str(cache),
+                                       "--output", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"shard {shard.name} is damaged" in result.output
+
+
+def test_tokenizer_mismatch_is_refused(setup, tmp_path):
+    other = tmp_path / "other-policy"
+    shutil.copytree(setup["policy"], other)
+    (other / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    result = CliRunner().invoke(main, ["--model", str(other), "--cache", str(setup["cache"]),
+                                       "--output", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "was tokenized with another tokenizer" in result.output
+
+
+def test_non_finite_loss_stops_and_names_rows(setup, tmp_path):
+    def broken(batch):
+        return torch.full_like(batch["ref_logps"], float("nan")), batch["ref_kl_logps"]
+
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 1 \(rows of this "
+                                                 r"process: \['\d+-u-[0-9a-f]{12}'"):
+        run_training(setup["policy"], setup["cache"], tmp_path / "out", reference=broken)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_metrics_records_and_eval_prefix(setup, tiny_dir, tmp_path):
+    eval_cache = build_polite_cache(tiny_dir, tmp_path, range(100, 104), "eval-cache")
+    metrics, _ = run_training(setup["policy"], setup["cache"], tmp_path / "out",
+                              eval_cache=str(eval_cache), eval_steps=2)
+    train = [m for m in metrics if "loss" in m]
+    evals = [m for m in metrics if "eval_loss" in m]
+    assert [m["step"] for m in train] == [1, 2, 3, 4] and [m["step"] for m in evals] == [2, 4]
+    expected = {"step", "epoch", "loss", "kl", "rewards/chosen", "rewards/rejected",
+                "rewards/margins", "logps/chosen", "logps/rejected", "count/chosen",
+                "count/rejected", "learning_rate", "grad_norm", "tokens_per_second"}
+    assert set(train[0]) == expected
+    assert evals[0]["eval_count/chosen"] + evals[0]["eval_count/rejected"] == 8
+    assert np.isclose(train[0]["rewards/margins"],
+                      train[0]["rewards/chosen"] - train[0]["rewards/rejected"])
+    assert (tmp_path / "out" / "train_config.json").is_file()

@@ -1,0 +1,86 @@
+"""The one typed, frozen configuration of kto-train, with TRL's names and defaults.
+Defaults live here; validation lives here; the CLI only fills it in."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from shared.errors import ConfigError
+from train.loss import LOSS_TYPES, KTOLossConfig
+
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
+              "polynomial", "inverse_sqrt")
+REPORT_TO = ("none", "tensorboard", "wandb")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str
+    cache: str
+    output: str
+    eval_cache: str | None = None
+    tokenizer: str | None = None
+    # KTO (TRL KTOConfig names)
+    beta: float = 0.1
+    loss_type: str = "kto"
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    ftx_gamma: float = 0.0
+    # optimisation (transformers TrainingArguments names)
+    learning_rate: float = 5e-7
+    per_device_train_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    warmup_ratio: float = 0.0
+    lr_scheduler_type: str = "linear"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    group_by_length: bool = True
+    seed: int = 42
+    # logging and checkpoints
+    logging_steps: int = 10
+    save_steps: int = 0
+    save_total_limit: int = 0
+    eval_steps: int = 0
+    resume_from_checkpoint: str | None = None
+    report_to: str = "none"
+    # LoRA (through peft): lora_r > 0 turns it on
+    lora_r: int = 0
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: str = "all-linear"
+    merge_lora: bool = False
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in LOSS_TYPES:
+            raise ConfigError(f"--loss-type {self.loss_type!r}: expected {', '.join(LOSS_TYPES)}")
+        if self.lr_scheduler_type not in SCHEDULERS:
+            raise ConfigError(f"--lr-scheduler-type {self.lr_scheduler_type!r}: expected "
+                              f"{', '.join(SCHEDULERS)}")
+        if self.report_to not in REPORT_TO:
+            raise ConfigError(f"--report-to {self.report_to!r}: expected {', '.join(REPORT_TO)}")
+        positive = ("per_device_train_batch_size", "gradient_accumulation_steps",
+                    "logging_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.beta <= 0 or self.learning_rate < 0 or not 0 <= self.warmup_ratio <= 1:
+            raise ConfigError("--beta must be > 0, --learning-rate >= 0, --warmup-ratio in [0, 1]")
+        if self.max_steps < 1 and self.num_train_epochs <= 0:
+            raise ConfigError("set --num-train-epochs > 0 or --max-steps >= 1")
+
+    @property
+    def loss(self) -> KTOLossConfig:
+        return KTOLossConfig(self.beta, self.loss_type, self.desirable_weight,
+                             self.undesirable_weight, self.ftx_gamma)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

@@ -1,0 +1,141 @@
+"""Building the pieces of a run: accelerator, tokenizer, policy (dropout off, optional
+LoRA), optimizer, scheduler; the class-balance warning; the final save."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shared.errors import ConfigError
+from train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def make_accelerator(config: TrainConfig, out: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    log_with = None if config.report_to == "none" else config.report_to
+    if log_with and importlib.util.find_spec(log_with) is None:
+        raise ConfigError(f"--report-to {log_with}: the {log_with} package is not installed "
+                          f"(pip install {log_with})")
+    acc = Accelerator(mixed_precision="bf16" if config.bf16 else "no", log_with=log_with,
+                      project_dir=str(out))
+    set_seed(config.seed)
+    if log_with:
+        acc.init_trackers("kto-train", config={k: v for k, v in config.to_dict().items()
+                                               if isinstance(v, int | float | str | bool)})
+    if acc.is_main_process:
+        (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    return acc
+
+
+def load_tokenizer(config: TrainConfig):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(config.tokenizer or config.model)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot load a tokenizer from {config.tokenizer or config.model!r}: "
+                          f"{err}") from None
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """KTO compares log-probs of the same sequences under two models: dropout noise would
+    bias the rewards, so every dropout is off (as TRL's disable_dropout_in_model)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    if hasattr(model.config, "attention_dropout"):
+        model.config.attention_dropout = 0.0
+
+
+def load_policy(config: TrainConfig) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot load the policy from {config.model!r}: {err}") from None
+    disable_dropout(model)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if config.lora_r > 0:
+        model = _with_lora(model, config)
+    return model
+
+
+def _with_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
+    if importlib.util.find_spec("peft") is None:
+        raise ConfigError("--lora-r > 0 needs peft: pip install 'kto-cache[lora]'")
+    from peft import LoraConfig, get_peft_model
+
+    targets = config.lora_target_modules
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                      lora_dropout=config.lora_dropout, task_type="CAUSAL_LM",
+                      target_modules=targets if targets == "all-linear" else targets.split(","))
+    return get_peft_model(model, lora)
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; as transformers' Trainer, no weight decay on biases and norm weights."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.learning_rate)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = math.ceil(config.warmup_ratio * total_steps)
+    return get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                         num_training_steps=total_steps)
+
+
+def class_balance_warning(counts: dict[str, Any], config: TrainConfig) -> str | None:
+    """The paper's recommended range: lambda_D * n_D / (lambda_U * n_U) in [1, 4/3]."""
+    n_d, n_u = counts["desirable"], counts["undesirable"]
+    if n_d == 0 or n_u == 0:
+        msg = (f"the cache has {n_d} desirable and {n_u} undesirable rows: KTO needs both "
+               "(with one class the loss only moves that class relative to z)")
+        log.warning(msg)
+        return msg
+    ratio = config.desirable_weight * n_d / (config.undesirable_weight * n_u)
+    if 1 <= ratio <= 4 / 3:
+        return None
+    low, high = config.undesirable_weight * n_u / n_d, 4 / 3 * config.undesirable_weight * n_u / n_d
+    msg = (f"desirable_weight * n_desirable / (undesirable_weight * n_undesirable) = {ratio:.3f} "
+           f"({n_d} desirable, {n_u} undesirable rows) is outside the recommended [1, 4/3]; "
+           f"set --desirable-weight between {low:.3f} and {high:.3f}")
+    log.warning(msg)
+    return msg
+
+
+def save_final(accelerator, model, tokenizer, config: TrainConfig, out: Path) -> None:
+    """Weights + tokenizer in OUTPUT (LoRA: the adapters, and the merged model if asked)."""
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    if config.lora_r > 0:
+        if accelerator.is_main_process:
+            unwrapped.save_pretrained(out / "adapter")
+            if config.merge_lora:
+                unwrapped.merge_and_unload().save_pretrained(out)
+    else:
+        unwrapped.save_pretrained(out, state_dict=accelerator.get_state_dict(model),
+                                  is_main_process=accelerator.is_main_process,
+                                  save_function=accelerator.save)
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(out)

@@ -1,0 +1,230 @@
+"""The policy-only KTO training loop on accelerate. Reads as steps: build batch,
+forward, loss, step, log, checkpoint. No reference model is loaded: reference
+log-probs come from the cache (or from ``reference``, a hook the tests use to
+compare against a live reference model)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from shared.errors import KtoError
+from shared.logprobs import sequence_logps
+from train.checkpoint import Checkpointer
+from train.config import TrainConfig
+from train.data import CacheRows, collate, epoch_order, micro_batch_rows, open_cache
+from train.loss import KTOLossOutput, estimate_kl, kto_loss
+from train.metrics import MetricsFile, MetricWindow
+from train.setup import (
+    build_optimizer,
+    build_scheduler,
+    class_balance_warning,
+    load_policy,
+    load_tokenizer,
+    make_accelerator,
+)
+
+log = logging.getLogger(__name__)
+Reference = Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]
+
+
+class NonFiniteLossError(KtoError):
+    """A NaN or inf loss: the step is not taken, so the weights stay intact."""
+
+
+def cached_reference(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch["ref_logps"], batch["ref_kl_logps"]
+
+
+def policy_logps(model: torch.nn.Module, seqs: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = model(input_ids=seqs["input_ids"], attention_mask=seqs["attention_mask"],
+                   use_cache=False).logits
+    return sequence_logps(logits, seqs["input_ids"], seqs["completion_mask"])
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    return batch
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, reference: Reference = cached_reference):
+        self.config = config
+        self.reference = reference
+        self.out = Path(config.output)
+        self._tmp = tempfile.TemporaryDirectory(prefix="kto-train-")
+
+    # ---- setup -----------------------------------------------------------------------
+    def setup(self) -> None:
+        c = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.accelerator = make_accelerator(c, self.out)
+        self.tokenizer = load_tokenizer(c)
+        self.rows = open_cache(c.cache, self.tokenizer, Path(self._tmp.name) / "train.arrow")
+        self.eval_rows = (open_cache(c.eval_cache, self.tokenizer,
+                                     Path(self._tmp.name) / "eval.arrow")
+                          if c.eval_cache else None)
+        if self.accelerator.is_main_process:
+            class_balance_warning(self.rows.manifest["counts"], c)
+        world = self.accelerator.num_processes
+        self.global_batch = c.per_device_train_batch_size * c.gradient_accumulation_steps * world
+        self.steps_per_epoch = len(self.rows) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise KtoError(f"the cache holds {len(self.rows)} rows, fewer than one global batch "
+                           f"({self.global_batch}); lower the batch size")
+        self.total_steps = (c.max_steps if c.max_steps > 0
+                            else math.ceil(c.num_train_epochs * self.steps_per_epoch))
+        model = load_policy(c)
+        optimizer = build_optimizer(model, c)
+        self.scheduler = build_scheduler(optimizer, c, self.total_steps)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.accelerator.register_for_checkpointing(self.scheduler)
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        self.checkpoints = Checkpointer(self.accelerator, self.out, c.save_total_limit)
+        self.step = self.checkpoints.resume(c.resume_from_checkpoint)
+        self.metrics = MetricsFile(self.out / "metrics.jsonl",
+                                   self.step if c.resume_from_checkpoint else None)
+        self._orders: dict[int, Any] = {}
+
+    # ---- one micro-step ------------------------------------------------------------
+    def _order(self, epoch: int):
+        if epoch not in self._orders:
+            self._orders = {epoch: epoch_order(self.rows.lengths, epoch, self.config.seed,
+                                               self.global_batch, self.config.group_by_length)}
+        return self._orders[epoch]
+
+    def _batch(self, rows: CacheRows, indices) -> dict[str, Any]:
+        return _to(collate(rows, indices, self.pad_id), self.accelerator.device)
+
+    def forward_loss(self, batch: dict[str, Any]) -> tuple[KTOLossOutput, torch.Tensor, int]:
+        c, acc = self.config, self.accelerator
+        ref_logps, ref_kl_logps = self.reference(batch)
+        with acc.autocast():
+            logps = policy_logps(self.model, batch["target"])
+            if c.loss_type == "kto":
+                with torch.no_grad():
+                    kl_logps = policy_logps(self.model, batch["kl"])
+                kl = estimate_kl(kl_logps, ref_kl_logps, acc.gather)
+            else:
+                kl = torch.zeros((), dtype=torch.float64, device=acc.device)
+            out = kto_loss(logps, ref_logps, batch["labels"], kl, c.loss,
+                           batch["completion_lengths"])
+        tokens = int(batch["target"]["attention_mask"].sum())
+        if c.loss_type == "kto":
+            tokens += int(batch["kl"]["attention_mask"].sum())
+        return out, logps.detach(), tokens
+
+    def _gathered(self, out: KTOLossOutput, logps: torch.Tensor, labels: torch.Tensor,
+                  tokens: int, window: MetricWindow, ids: list[str]) -> None:
+        acc = self.accelerator
+        losses = acc.gather(out.loss.detach().reshape(1))
+        if not torch.isfinite(losses).all():
+            raise NonFiniteLossError(
+                f"non-finite loss at step {self.step + 1} (rows of this process: {ids}); "
+                "the step was not taken. Check the cache values (kto-precompute verify), "
+                "lower --learning-rate, or use float32 instead of --bf16")
+        window.add(losses.mean(), out.kl, acc.gather(out.rewards).cpu(),
+                   acc.gather(logps).cpu(), acc.gather(labels).cpu(),
+                   int(acc.gather(torch.tensor([tokens], device=acc.device)).sum()))
+
+    # ---- the loop ----------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        c, acc = self.config, self.accelerator
+        self.model.train()
+        window, started, last = MetricWindow(), time.monotonic(), None
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
+                   disable=not acc.is_main_process)
+        while self.step < self.total_steps:
+            epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
+            order = self._order(epoch)
+            for micro in range(c.gradient_accumulation_steps):
+                idx = micro_batch_rows(order, step_in_epoch, micro, acc.process_index,
+                                       c.per_device_train_batch_size,
+                                       c.gradient_accumulation_steps, acc.num_processes)
+                batch = self._batch(self.rows, idx)
+                sync = micro == c.gradient_accumulation_steps - 1
+                with nullcontext() if sync else acc.no_sync(self.model):
+                    out, logps, tokens = self.forward_loss(batch)
+                    self._gathered(out, logps, batch["labels"], tokens, window, batch["ids"])
+                    acc.backward(out.loss / c.gradient_accumulation_steps)
+            grad_norm = self._optimizer_step()
+            self.step += 1
+            bar.update(1)
+            if self.step == 1 or self.step % c.logging_steps == 0 or self.step == self.total_steps:
+                last = self._log(window, grad_norm, time.monotonic() - started, bar)
+                window, started = MetricWindow(), time.monotonic()
+            if c.eval_steps and self.eval_rows and self.step % c.eval_steps == 0:
+                self.evaluate()
+            if c.save_steps and self.step % c.save_steps == 0:
+                self.checkpoints.save(self.step, self.step / self.steps_per_epoch)
+        bar.close()
+        if self.eval_rows and not (c.eval_steps and self.step % c.eval_steps == 0):
+            self.evaluate()
+        return last or {}
+
+    def _optimizer_step(self) -> float:
+        c = self.config
+        max_norm = c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def _log(self, window: MetricWindow, grad_norm: float, seconds: float, bar) -> dict:
+        record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
+                  **window.result(), "learning_rate": self.lr, "grad_norm": grad_norm,
+                  "tokens_per_second": round(window.sums["tokens"] / max(seconds, 1e-9), 1)}
+        if torch.cuda.is_available():
+            record["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        if self.accelerator.is_main_process:
+            self.metrics.write(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{record['kl']:.3f}",
+                            tok_s=f"{record['tokens_per_second']:.0f}")
+        self.accelerator.log(record, step=self.step)
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Every eval row once, in cache order, in batches of the training micro-batch size."""
+        acc, b = self.accelerator, self.config.per_device_train_batch_size
+        self.model.eval()
+        window = MetricWindow()
+        span, n = b * acc.num_processes, len(self.eval_rows)
+        stop = n if acc.num_processes == 1 else n - n % span  # gathers need equal sizes
+        for start in range(0, stop, span):
+            first = start + acc.process_index * b
+            idx = list(range(first, min(first + b, stop)))
+            batch = self._batch(self.eval_rows, idx)
+            out, logps, tokens = self.forward_loss(batch)
+            self._gathered(out, logps, batch["labels"], tokens, window, batch["ids"])
+        self.model.train()
+        record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
+                  **window.result("eval_")}
+        if acc.is_main_process:
+            self.metrics.write(record)
+        acc.log(record, step=self.step)
+        return record
+
+    # ---- save and clean up ----------------------------------------------------------
+    def save(self) -> None:
+        from train.setup import save_final
+
+        save_final(self.accelerator, self.model, self.tokenizer, self.config, self.out)
+
+    def cleanup(self) -> None:
+        self.accelerator.end_training()
+        self._tmp.cleanup()
