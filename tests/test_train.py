@@ -119,7 +119,7 @@ def test_metrics_records_and_eval_prefix(setup, tiny_dir, tmp_path):
                               eval_cache=str(eval_cache), eval_steps=2)
     train = [m for m in metrics if "loss" in m]
     evals = [m for m in metrics if "eval_loss" in m]
-    assert [m["step"] for m in train] == [1, 2, 3, 4] and [m["step"] for m in evals] == [2, 4]
+    assert [m["step"] for m in train] == [1, 2, 3, 4] and [m["step"] for m in evals] == [0, 2, 4]
     expected = {"step", "epoch", "loss", "kl", "rewards/chosen", "rewards/rejected",
                 "rewards/margins", "logps/chosen", "logps/rejected", "count/chosen",
                 "count/rejected", "learning_rate", "grad_norm", "tokens_per_second"}
@@ -128,3 +128,26 @@ def test_metrics_records_and_eval_prefix(setup, tiny_dir, tmp_path):
     assert np.isclose(train[0]["rewards/margins"],
                       train[0]["rewards/chosen"] - train[0]["rewards/rejected"])
     assert (tmp_path / "out" / "train_config.json").is_file()
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(setup):
+    common = ["--model", str(setup["policy"]), "--cache", str(setup["cache"]),
+              "--learning-rate", "1e-3", "--logging-steps", "1", "--max-steps", "4"]
+    root = setup["root"]
+    one = CliRunner().invoke(main, [*common, "--per-device-train-batch-size", "4",
+                                    "--output", str(root / "one-process")])
+    assert one.exit_code == 0, one.output
+    # accelerate 1.15: `--cpu --num_processes 2` starts ONE process unless given an MPI
+    # hostfile; its torchrun path (--multi_gpu) with kto-train's cpu=True gives gloo DDP.
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
+         "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "-m", "train.cli", *common,
+         "--per-device-train-batch-size", "2", "--output", str(root / "two-processes")],
+        capture_output=True, text=True, cwd=TESTS.parent, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two, single = read_metrics(root / "two-processes"), read_metrics(root / "one-process")
+    assert [m["epoch"] for m in two] == [m["epoch"] for m in single]  # same global batch
+    assert_trajectories_close(two, single, (*TRAJECTORY, "count/chosen", "grad_norm"))
+    assert_weights_close(final_weights(root / "two-processes"),
+                         final_weights(root / "one-process"))

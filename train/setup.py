@@ -26,8 +26,11 @@ def make_accelerator(config: TrainConfig, out: Path):
     if log_with and importlib.util.find_spec(log_with) is None:
         raise ConfigError(f"--report-to {log_with}: the {log_with} package is not installed "
                           f"(pip install {log_with})")
+    # cpu=True on a machine without CUDA: only then does accelerate treat a torchrun /
+    # `accelerate launch --multi_gpu` start as multi-process CPU (gloo); else each process
+    # would train alone.
     acc = Accelerator(mixed_precision="bf16" if config.bf16 else "no", log_with=log_with,
-                      project_dir=str(out))
+                      project_dir=str(out), cpu=not torch.cuda.is_available())
     set_seed(config.seed)
     if log_with:
         acc.init_trackers("kto-train", config={k: v for k, v in config.to_dict().items()

@@ -144,6 +144,8 @@ class Trainer:
         c, acc = self.config, self.accelerator
         self.model.train()
         window, started, last = MetricWindow(), time.monotonic(), None
+        if self.eval_rows and self.step == 0:
+            self.evaluate()  # the starting point: eval metrics of the initial weights
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
                    disable=not acc.is_main_process)
         while self.step < self.total_steps:
