@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test lint clean-venv
+.PHONY: venv test lint demo clean-venv
 
 venv: $(STAMP)
 
@@ -25,6 +25,11 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# The main job on a fresh machine: tiny model + small dataset made here, then
+# kto-precompute and kto-train, with a summary at the end.
+demo: $(STAMP)
+	$(BIN)/python -m train.demo runs/demo
 
 clean-venv:
 	rm -rf $(VENV)

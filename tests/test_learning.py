@@ -44,3 +44,20 @@ def test_real_data_held_out_margins_rise(tiny_dir, tmp_path):
     margins = [m["eval_rewards/margins"] for m in metrics if "eval_loss" in m]
     assert margins[0] == pytest.approx(0.0, abs=1e-3)  # policy == reference at step 0
     assert margins[-1] > margins[0] + 0.1, margins
+
+
+@pytest.mark.vllm
+def test_demo_runs_end_to_end(tmp_path):
+    """`make demo` as a user runs it: both CLIs in their own processes (vLLM when
+    installed), then the summary line."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "train.demo", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = proc.stdout.strip().splitlines()[-2]
+    assert summary.startswith("trained 24 steps; held-out (64 rows) rewards/margins:")
+    evals = [json.loads(line) for line in (tmp_path / "policy" / "metrics.jsonl")
+             .read_text().splitlines() if "eval_loss" in line]
+    assert evals[-1]["eval_rewards/margins"] > evals[0]["eval_rewards/margins"] + 1.0

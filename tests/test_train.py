@@ -151,3 +151,46 @@ def test_two_processes_equal_one_with_the_same_global_batch(setup):
     assert_trajectories_close(two, single, (*TRAJECTORY, "count/chosen", "grad_norm"))
     assert_weights_close(final_weights(root / "two-processes"),
                          final_weights(root / "one-process"))
+
+
+@pytest.mark.parametrize("n_d,n_u,w_d,w_u,expect", [
+    (150, 150, 1.0, 1.0, None),
+    (100, 300, 1.0, 1.0, "set --desirable-weight between 3.000 and 4.000"),
+    (300, 100, 1.0, 1.0, "set --desirable-weight between 0.333 and 0.444"),
+    (100, 300, 3.5, 1.0, None),
+])
+def test_class_balance_warning_names_the_weight(n_d, n_u, w_d, w_u, expect):
+    from train.config import TrainConfig
+    from train.setup import class_balance_warning
+
+    config = TrainConfig(model="m", cache="c", output="o", desirable_weight=w_d,
+                         undesirable_weight=w_u)
+    msg = class_balance_warning({"desirable": n_d, "undesirable": n_u}, config)
+    assert msg is None if expect is None else expect in msg
+
+
+def test_lora_trains_adapters_and_merges(setup, tmp_path):
+    pytest.importorskip("peft")
+    metrics, merged = run_training(setup["policy"], setup["cache"], tmp_path / "lora",
+                                   lora_r=4, merge_lora=True, max_steps=3)
+    assert (tmp_path / "lora" / "adapter" / "adapter_config.json").is_file()
+    from train_helpers import final_weights as base_weights
+
+    base = base_weights(setup["policy"])
+    changed = [k for k in base if not torch.equal(base[k], merged[k])]
+    assert changed and all("proj" in k for k in changed)  # only LoRA-targeted layers moved
+    assert metrics[-1]["rewards/chosen"] != metrics[0]["rewards/chosen"]
+
+
+def test_yaml_config_with_flags_winning(setup, tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text(f"model: {setup['policy']}\ncache: {setup['cache']}\nbeta: 0.3\n"
+                      "max-steps: 2\nper_device_train_batch_size: 4\n")
+    result = CliRunner().invoke(main, ["--config", str(config), "--output",
+                                       str(tmp_path / "out"), "--max-steps", "1"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    resolved = json.loads((tmp_path / "out" / "train_config.json").read_text())
+    assert (resolved["beta"], resolved["max_steps"]) == (0.3, 1)
+    assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1]
