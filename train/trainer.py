@@ -94,8 +94,10 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.checkpoints = Checkpointer(self.accelerator, self.out, c.save_total_limit)
         self.step = self.checkpoints.resume(c.resume_from_checkpoint)
-        self.metrics = MetricsFile(self.out / "metrics.jsonl",
-                                   self.step if c.resume_from_checkpoint else None)
+        # only the main process touches metrics.jsonl (another would truncate it)
+        self.metrics = (MetricsFile(self.out / "metrics.jsonl",
+                                    self.step if c.resume_from_checkpoint else None)
+                        if self.accelerator.is_main_process else None)
         self._orders: dict[int, Any] = {}
 
     # ---- one micro-step ------------------------------------------------------------
@@ -192,7 +194,7 @@ class Trainer:
                   "tokens_per_second": round(window.sums["tokens"] / max(seconds, 1e-9), 1)}
         if torch.cuda.is_available():
             record["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-        if self.accelerator.is_main_process:
+        if self.metrics:
             self.metrics.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{record['kl']:.3f}",
                             tok_s=f"{record['tokens_per_second']:.0f}")
@@ -216,7 +218,7 @@ class Trainer:
         self.model.train()
         record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
                   **window.result("eval_")}
-        if acc.is_main_process:
+        if self.metrics:
             self.metrics.write(record)
         acc.log(record, step=self.step)
         return record
