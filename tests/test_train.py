@@ -194,3 +194,44 @@ def test_yaml_config_with_flags_winning(setup, tmp_path):
     resolved = json.loads((tmp_path / "out" / "train_config.json").read_text())
     assert (resolved["beta"], resolved["max_steps"]) == (0.3, 1)
     assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1]
+
+
+def test_accumulation_invariant_without_kl_term(setup, tmp_path):
+    """apo_zero_unpaired has no batch-level z, so batch 4 x accumulation 1 must equal
+    batch 2 x accumulation 2 (with kto, z is per micro-batch as in TRL, so it differs)."""
+    common = {"loss_type": "apo_zero_unpaired", "max_steps": 3}
+    a_m, a_w = run_training(setup["policy"], setup["cache"], tmp_path / "a",
+                            per_device_train_batch_size=4, **common)
+    b_m, b_w = run_training(setup["policy"], setup["cache"], tmp_path / "b",
+                            per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                            **common)
+    assert_trajectories_close(a_m, b_m, ("loss", "rewards/chosen", "logps/rejected"))
+    assert_weights_close(a_w, b_w)
+
+
+def test_gradient_checkpointing_changes_nothing(setup, tmp_path):
+    a_m, a_w = run_training(setup["policy"], setup["cache"], tmp_path / "a", max_steps=2)
+    b_m, b_w = run_training(setup["policy"], setup["cache"], tmp_path / "b", max_steps=2,
+                            gradient_checkpointing=True)
+    assert_trajectories_close(a_m, b_m, TRAJECTORY)
+    assert_weights_close(a_w, b_w)
+
+
+def test_bf16_autocast_runs_and_saves_float32(setup, tmp_path):
+    out = tmp_path / "bf16"
+    proc = subprocess.run(  # own process: accelerate's precision is fixed per process
+        [sys.executable, "-m", "train.cli", "--model", str(setup["policy"]), "--cache",
+         str(setup["cache"]), "--output", str(out), "--bf16", "--max-steps", "2",
+         "--learning-rate", "1e-3", "--logging-steps", "1"],
+        capture_output=True, text=True, cwd=TESTS.parent, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = read_metrics(out)
+    assert len(metrics) == 2 and all(np.isfinite(m["loss"]) for m in metrics)
+    assert all(w.dtype == torch.float32 for w in final_weights(out).values())
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints(setup, tmp_path):
+    run_training(setup["policy"], setup["cache"], tmp_path / "out", max_steps=4, save_steps=1,
+                 save_total_limit=2)
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == [
+        "checkpoint-3", "checkpoint-4"]
