@@ -61,6 +61,9 @@ def _bring_shard(src_dir: Path, out: Path, entry: dict[str, Any]) -> None:
 
 def combine(out: Path, part_dirs: list[Path]) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
+    single = not list(out.glob("manifest.worker-*.json")) and (out / MANIFEST).is_file()
+    if not part_dirs and single:
+        return verify_cache(out)  # a single-worker run is already one cache
     parts = find_parts(part_dirs or [out])
     check_parts(parts)
     shards = []

@@ -222,3 +222,12 @@ def test_overwrite_by_one_worker_keeps_other_workers_shards(tiny_dir, tmp_path):
                 overwrite=True)
     assert {f.name: f.stat().st_mtime_ns for f in out.glob("shard-0000[13]-*")} == theirs
     assert CliRunner().invoke(main, ["combine", str(out)]).exit_code == 0
+
+
+def test_combine_of_a_single_worker_cache_only_verifies_it(tiny_dir, tmp_path):
+    data = synthetic(tmp_path, n=10)
+    build_cache(tiny_dir, [data], tmp_path / "out")
+    before = (tmp_path / "out" / "manifest.json").read_text()
+    result = CliRunner().invoke(main, ["combine", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "manifest.json").read_text() == before

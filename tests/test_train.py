@@ -235,3 +235,14 @@ def test_save_total_limit_keeps_the_newest_checkpoints(setup, tmp_path):
                  save_total_limit=2)
     assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == [
         "checkpoint-3", "checkpoint-4"]
+
+
+def test_eval_only_scores_a_trained_policy_without_training(setup, tiny_dir, tmp_path):
+    eval_cache = build_polite_cache(tiny_dir, tmp_path, range(100, 104), "eval-cache")
+    args = ["--cache", str(setup["cache"]), "--eval-cache", str(eval_cache), "--eval-only"]
+    base = CliRunner().invoke(main, ["--model", str(tiny_dir), "--output",
+                                     str(tmp_path / "base"), *args])
+    assert base.exit_code == 0, base.output
+    [record] = read_metrics(tmp_path / "base")
+    assert record["step"] == 0 and abs(record["eval_rewards/margins"]) < 1e-3
+    assert not (tmp_path / "base" / "model.safetensors").exists()

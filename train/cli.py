@@ -37,6 +37,7 @@ HELP = {
     "lora_r": "LoRA rank; > 0 trains adapters through peft.",
     "lora_target_modules": "all-linear or a comma-separated list of module names.",
     "merge_lora": "Also save the merged model (adapters are always saved).",
+    "eval_only": "Only evaluate --model on --eval-cache (metrics.jsonl), no training.",
 }
 CHOICES = {"loss_type": LOSS_TYPES, "lr_scheduler_type": SCHEDULERS, "report_to": REPORT_TO}
 REQUIRED = ("model", "cache", "output")
@@ -64,7 +65,8 @@ def _run(verbose: bool, **options) -> None:
     trainer.setup()
     try:
         final = trainer.train()
-        trainer.save()
+        if not trainer.config.eval_only:
+            trainer.save()
     finally:
         trainer.cleanup()
     if trainer.accelerator.is_main_process:

@@ -47,6 +47,7 @@ class TrainConfig:
     save_total_limit: int = 0
     eval_steps: int = 0
     resume_from_checkpoint: str | None = None
+    eval_only: bool = False
     report_to: str = "none"
     # LoRA (through peft): lora_r > 0 turns it on
     lora_r: int = 0
@@ -70,6 +71,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.beta <= 0 or self.learning_rate < 0 or not 0 <= self.warmup_ratio <= 1:
             raise ConfigError("--beta must be > 0, --learning-rate >= 0, --warmup-ratio in [0, 1]")
+        if self.eval_only and not self.eval_cache:
+            raise ConfigError("--eval-only needs --eval-cache")
         if self.max_steps < 1 and self.num_train_epochs <= 0:
             raise ConfigError("set --num-train-epochs > 0 or --max-steps >= 1")
 

@@ -144,6 +144,8 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         c, acc = self.config, self.accelerator
+        if c.eval_only:
+            return self.evaluate()
         self.model.train()
         window, started, last = MetricWindow(), time.monotonic(), None
         if self.eval_rows and self.step == 0:
