@@ -4,8 +4,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Airflow lives in its own environment: ~150 packages and its own logging setup stay
+# away from the training one. The DAG only calls the CLIs in $(VENV).
+AIRFLOW_VENV  ?= .venv-airflow
+AIRFLOW_STAMP := $(AIRFLOW_VENV)/.installed
 
-.PHONY: venv test lint demo clean-venv
+.PHONY: venv airflow-venv test lint demo clean-venv
 
 venv: $(STAMP)
 
@@ -20,10 +24,18 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	$(BIN)/pip uninstall --yes --quiet torchvision torchaudio torchcodec || true
 	touch $(STAMP)
 
+airflow-venv: $(AIRFLOW_STAMP)
+
+$(AIRFLOW_STAMP):
+	$(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/pip install --quiet --upgrade pip
+	$(AIRFLOW_VENV)/bin/pip install --quiet apache-airflow==3.3.2
+	touch $(AIRFLOW_STAMP)
+
 lint: $(STAMP)
 	$(BIN)/ruff check shared precompute train tests benchmarks
 
-test: lint
+test: lint $(AIRFLOW_STAMP)
 	$(BIN)/python -m pytest -q
 
 # The main job on a fresh machine: tiny model + small dataset made here, then
@@ -32,4 +44,4 @@ demo: $(STAMP)
 	$(BIN)/python -m train.demo runs/demo
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(AIRFLOW_VENV)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import build_cache, read_cache
 from tiny import write_jsonl
 
@@ -55,3 +56,13 @@ def test_failed_worker_leaves_nothing_taken_as_done(tiny_dir, tmp_path):
     assert "record 5, field 'completion': missing field" in failed.stderr
     assert not list((out / "parts").glob("*.json"))
     assert not (out / "cache" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("name,kind", [("ddp", "MULTI_GPU"), ("deepspeed_zero3", "DEEPSPEED"),
+                                       ("fsdp", "FSDP")])
+def test_shipped_accelerate_configs_load(name, kind):
+    """accelerate's own loader accepts them (they are not run here: no GPU)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ROOT / "pipelines" / "accelerate" / f"{name}.yaml"))
+    assert config.distributed_type.name == kind and config.num_processes == 8
