@@ -25,16 +25,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from conftest import read_cache  # noqa: E402
 from helpers import naive_logps  # noqa: E402
 from tiny import SHARED_DATA, save_tiny  # noqa: E402
-
-
-def read(cache: Path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    manifest = json.loads((cache / "manifest.json").read_text())
-    return pa.concat_tables([pq.read_table(cache / s["name"]) for s in manifest["shards"]])
 
 
 def precompute(model: Path, data: list[str], out: Path, backend: str, args) -> dict:
@@ -71,7 +64,7 @@ def main() -> None:
     model = save_tiny(args.out / "model", layers=args.layers, hidden=args.hidden,
                       vocab_size=args.vocab)
     runs = {b: precompute(model, data, args.out / f"cache-{b}", b, args) for b in ("hf", "vllm")}
-    hf, vl = read(args.out / "cache-hf"), read(args.out / "cache-vllm")
+    hf, vl = read_cache(args.out / "cache-hf")[1], read_cache(args.out / "cache-vllm")[1]
     result = {"machine": platform.processor() or platform.machine(), "args": vars(args) | {
         "out": str(args.out)}, "runs": runs, "agreement": {}}
     for col in ("ref_logps", "ref_kl_logps"):

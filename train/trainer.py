@@ -31,6 +31,7 @@ from train.setup import (
     load_policy,
     load_tokenizer,
     make_accelerator,
+    save_final,
 )
 
 log = logging.getLogger(__name__)
@@ -227,8 +228,6 @@ class Trainer:
 
     # ---- save and clean up ----------------------------------------------------------
     def save(self) -> None:
-        from train.setup import save_final
-
         save_final(self.accelerator, self.model, self.tokenizer, self.config, self.out)
 
     def cleanup(self) -> None:

@@ -16,7 +16,11 @@ import shlex
 from datetime import timedelta
 from pathlib import Path
 
-from airflow.sdk import Param, dag, task
+try:  # Airflow 3
+    from airflow.sdk import Param, dag, task
+except ImportError:  # Airflow 2.9+ (task.bash arrived in 2.9)
+    from airflow.decorators import dag, task
+    from airflow.models.param import Param
 
 PARAMS = {
     "model": Param("", type="string", description="Reference model (path or hub name)."),

@@ -24,9 +24,6 @@ class Scorer(Protocol):
         """Float64 [len(pairs)]: sum of reference log-probs of each completion."""
         ...
 
-    def versions(self) -> dict[str, str]:
-        ...
-
     def close(self) -> None:
         ...
 

@@ -77,10 +77,5 @@ class HFScorer:
         # sum runs in float64: a float32 sum of ~1000 terms drifts by ~1e-4 nats.
         return torch.where(in_completion, lp, 0.0).double().sum(-1).cpu().numpy()
 
-    def versions(self) -> dict[str, str]:
-        import transformers
-
-        return {"torch": torch.__version__, "transformers": transformers.__version__}
-
     def close(self) -> None:
         del self.model

@@ -117,14 +117,6 @@ class VLLMScorer:
         return np.array([sum_prompt_logprobs(o, pair) for o, pair in zip(outputs, pairs,
                                                                          strict=True)])
 
-    def versions(self) -> dict[str, str]:
-        import torch
-        import transformers
-        import vllm
-
-        return {"vllm": vllm.__version__, "torch": torch.__version__,
-                "transformers": transformers.__version__}
-
     def close(self) -> None:
         """Ends vLLM's worker processes (they exit when the engine is collected)."""
         del self.llm
