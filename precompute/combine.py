@@ -4,6 +4,7 @@ write the single manifest."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -18,8 +19,6 @@ log = logging.getLogger(__name__)
 
 
 def find_parts(dirs: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
-    import json
-
     parts = []
     for d in dirs:
         for f in sorted(d.glob("manifest.worker-*-of-*.json")):

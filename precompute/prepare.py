@@ -14,6 +14,7 @@ from typing import Any
 import pyarrow as pa
 from tqdm.auto import tqdm
 
+from shared.cache import SCHEMA
 from shared.errors import ConfigError, InputError
 from shared.formats import Example, RecordRef, apply_column_map, detect_shape, to_examples
 from shared.readers import iter_records
@@ -29,9 +30,9 @@ from shared.tokenization import (
 
 log = logging.getLogger(__name__)
 
-ROW_SCHEMA = pa.schema([("id", pa.string()), ("source_index", pa.int64()),
-                        ("label", pa.bool_()), ("prompt_ids", pa.list_(pa.int32())),
-                        ("completion_ids", pa.list_(pa.int32()))])
+# the cache's own columns, before KL pairing and scoring add the rest
+ROW_SCHEMA = pa.schema([SCHEMA.field(name) for name in
+                        ("id", "source_index", "label", "prompt_ids", "completion_ids")])
 _CHUNK = 512  # examples tokenized per call of the (Rust, batched) tokenizer
 _SAMPLES_PER_REASON = 10
 

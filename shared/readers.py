@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import InputError
+from shared.fingerprint import sha256_file
 
 SUPPORTED = ".json, .jsonl, .parquet or a directory written by datasets.save_to_disk"
 _BATCH_ROWS = 1000
@@ -102,14 +103,12 @@ def _iter_saved_dataset(p: Path) -> Iterator[tuple[int, Any]]:
 
 
 def fingerprint_inputs(paths: tuple[str, ...]) -> str:
-    """SHA-256 over the bytes of every input file (a directory: its files, sorted)."""
+    """SHA-256 over every input file's name and SHA-256 (a directory: its files, sorted)."""
     h = hashlib.sha256()
     for path in paths:
         files = sorted(Path(path).rglob("*")) if os.path.isdir(path) else [Path(path)]
         for f in files:
             if f.is_file():
                 h.update(str(f.relative_to(path) if os.path.isdir(path) else f.name).encode())
-                with f.open("rb") as fh:
-                    for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                        h.update(chunk)
+                h.update(sha256_file(f).encode())
     return h.hexdigest()

@@ -57,7 +57,7 @@ def test_sequence_logps_counts_completion_tokens_only():
     assert sequence_logps(logits, ids, mask).item() == pytest.approx(expected.item(), abs=1e-6)
 
 
-def test_bfloat16_reference_drifts_and_float32_does_not(tiny_dir, model, pairs):
+def test_bfloat16_reference_drifts_beyond_the_float32_tolerance(tiny_dir, model, pairs):
     """Why float32 is the default: measured here, not assumed."""
     naive = naive_logps(model, pairs)
     bf16 = HFScorer(str(tiny_dir), "bfloat16", batch_tokens=2048).score(pairs)

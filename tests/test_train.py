@@ -174,9 +174,7 @@ def test_lora_trains_adapters_and_merges(setup, tmp_path):
     metrics, merged = run_training(setup["policy"], setup["cache"], tmp_path / "lora",
                                    lora_r=4, merge_lora=True, max_steps=3)
     assert (tmp_path / "lora" / "adapter" / "adapter_config.json").is_file()
-    from train_helpers import final_weights as base_weights
-
-    base = base_weights(setup["policy"])
+    base = final_weights(setup["policy"])
     changed = [k for k in base if not torch.equal(base[k], merged[k])]
     assert changed and all("proj" in k for k in changed)  # only LoRA-targeted layers moved
     assert metrics[-1]["rewards/chosen"] != metrics[0]["rewards/chosen"]

@@ -10,7 +10,7 @@ from conftest import build_cache
 from tiny import save_tiny, write_jsonl
 
 from train.config import TrainConfig
-from train.trainer import Trainer
+from train.trainer import Trainer, cached_reference
 
 
 def polite_data(path: Path, prompts: range) -> Path:
@@ -33,7 +33,7 @@ def run_training(model: Path, cache: Path, output: Path, reference=None, **overr
     config = TrainConfig(model=str(model), cache=str(cache), output=str(output),
                          **{"learning_rate": 1e-3, "per_device_train_batch_size": 4,
                             "logging_steps": 1, "max_steps": 4, **overrides})
-    trainer = Trainer(config) if reference is None else Trainer(config, reference)
+    trainer = Trainer(config, reference or cached_reference)
     trainer.setup()
     try:
         trainer.train()
