@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 AIRFLOW_VENV  ?= .venv-airflow
 AIRFLOW_STAMP := $(AIRFLOW_VENV)/.installed
 
-.PHONY: venv airflow-venv test lint demo clean-venv
+.PHONY: venv airflow-venv test lint demo bench clean-venv
 
 venv: $(STAMP)
 
@@ -42,6 +42,14 @@ test: lint $(AIRFLOW_STAMP)
 # kto-precompute and kto-train, with a summary at the end.
 demo: $(STAMP)
 	$(BIN)/python -m train.demo runs/demo
+
+# Every benchmark against TRL (about 45 minutes on 2 CPU cores); tables in runs/bench/*/*.md
+bench: $(STAMP)
+	$(BIN)/pip install --quiet -c constraints/cpu.txt -e '.[bench]'
+	$(BIN)/python benchmarks/scoring.py --out runs/bench/scoring
+	$(BIN)/python benchmarks/train_step.py --out runs/bench/train
+	$(BIN)/python benchmarks/sweep.py --out runs/bench/sweep --records 12
+	$(BIN)/python benchmarks/scaling.py --out runs/bench/scaling
 
 clean-venv:
 	rm -rf $(VENV) $(AIRFLOW_VENV)

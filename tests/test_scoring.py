@@ -10,7 +10,8 @@ import pytest
 import torch
 from helpers import assert_close, naive_logps
 
-from precompute.scoring.hf import HFScorer, token_budget_batches
+from precompute.scoring import hf
+from precompute.scoring.hf import HFScorer, plain_head, token_budget_batches
 from shared.logprobs import sequence_logps
 
 
@@ -29,6 +30,37 @@ def pairs(tokenizer):
 def test_hf_scorer_matches_naive_oracle(tiny_dir, model, pairs):
     got = HFScorer(str(tiny_dir), "float32", batch_tokens=2048).score(pairs)
     assert_close(got, naive_logps(model, pairs), what="hf vs naive")
+
+
+def test_head_path_and_forward_path_agree(tiny_dir, model, pairs, monkeypatch):
+    scorer = HFScorer(str(tiny_dir), "float32", batch_tokens=2048)
+    assert scorer.head is not None  # a Llama's logits are its plain LM head
+    monkeypatch.setattr(hf, "HEAD_CHUNK", 7)  # chunks that split rows
+    chunked = scorer.score(pairs)
+    scorer.head = None  # the model-forward path (logits_to_keep)
+    assert_close(chunked, scorer.score(pairs), what="head path vs forward path")
+    assert_close(chunked, naive_logps(model, pairs), what="head path vs naive")
+
+
+def test_scaled_logits_are_not_taken_for_a_plain_head(model):
+    class Scaled(torch.nn.Module):  # a model whose logits are not lm_head(hidden)
+        base_model_prefix = "model"
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.model, self.config = inner, inner.model, inner.config
+            self.device = inner.device
+
+        def get_output_embeddings(self):
+            return self.inner.lm_head
+
+        def forward(self, **kw):
+            out = self.inner(**kw)
+            out.logits = 30.0 * torch.tanh(out.logits / 30.0)  # Gemma-2-style soft-capping
+            return out
+
+    assert plain_head(Scaled(model)) == (None, None)
+    assert plain_head(model)[1] is model.lm_head
 
 
 def test_batching_does_not_change_results(tiny_dir, pairs):

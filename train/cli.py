@@ -70,7 +70,8 @@ def _run(verbose: bool, **options) -> None:
     finally:
         trainer.cleanup()
     if trainer.accelerator.is_main_process:
-        click.echo(json.dumps({"output": str(trainer.out), **final},
+        click.echo(json.dumps({"output": str(trainer.out), **final,
+                               **trainer.timing},
                               indent=2))
 
 

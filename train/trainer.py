@@ -64,6 +64,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, reference: Reference = cached_reference):
         self.config = config
         self.reference = reference
+        self.timing: dict[str, float] = {}  # steps_run, train_seconds (filled by train)
         self.out = Path(config.output)
         self._tmp = tempfile.TemporaryDirectory(prefix="kto-train-")
 
@@ -153,6 +154,7 @@ class Trainer:
             self.evaluate()  # the starting point: eval metrics of the initial weights
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
                    disable=not acc.is_main_process)
+        loop_started, first_step = time.monotonic(), self.step
         while self.step < self.total_steps:
             epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
             order = self._order(epoch)
@@ -177,6 +179,8 @@ class Trainer:
             if c.save_steps and self.step % c.save_steps == 0:
                 self.checkpoints.save(self.step, self.step / self.steps_per_epoch)
         bar.close()
+        self.timing = {"steps_run": self.step - first_step,
+                       "train_seconds": round(time.monotonic() - loop_started, 3)}
         if self.eval_rows and not (c.eval_steps and self.step % c.eval_steps == 0):
             self.evaluate()
         return last or {}

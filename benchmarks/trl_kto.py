@@ -1,0 +1,106 @@
+"""TRL's KTOTrainer on exactly the sequences of a kto-precompute cache (one process,
+run by the benchmarks; needs the `bench` extra).
+
+The rows' token ids (prompt, completion and the cache's KL completion) become TRL's
+already-tokenized dataset, so TRL scores and trains on the same sequences as
+kto-precompute / kto-train; TRL's own tokenization is skipped (and not timed). Prints
+one JSON line: what was timed and how long it took.
+
+    python benchmarks/trl_kto.py --model M --cache C --mode precompute-only|live|precompute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+
+def cache_dataset(cache: Path):
+    """Our cache's rows in TRL's post-tokenization column names, in cache order."""
+    from datasets import Dataset
+
+    manifest = json.loads((cache / "manifest.json").read_text())
+    cols = ["prompt_ids", "completion_ids", "kl_completion_ids", "label"]
+    tables = [pq.read_table(cache / s["name"], columns=cols) for s in manifest["shards"]]
+    data = {c: [v for t in tables for v in t[c].to_pylist()] for c in cols}
+    data["KL_completion_ids"] = data.pop("kl_completion_ids")
+    return Dataset.from_dict(data)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--cache", type=Path, required=True)
+    ap.add_argument("--mode", choices=("precompute-only", "live", "precompute"), required=True)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--precompute-batch-size", type=int, default=None)
+    ap.add_argument("--max-steps", type=int, default=10)
+    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--learning-rate", type=float, default=1e-5)
+    ap.add_argument("--max-length", type=int, default=None)
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--dump", type=Path, default=None,
+                    help="write TRL's reference log-probs (JSON) here after the precompute")
+    args = ap.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import KTOConfig, KTOTrainer
+
+    class PreTokenized(KTOTrainer):
+        """Takes the cache's token ids as they are; times the reference precompute."""
+        precompute_seconds = 0.0
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            t0 = time.monotonic()
+            out = super()._precompute_ref_logps(dataset, name, batch_size)
+            PreTokenized.precompute_seconds += time.monotonic() - t0
+            return out
+
+    torch.manual_seed(0)
+    dataset = cache_dataset(args.cache)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="left")
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    work = tempfile.mkdtemp(prefix="trl-kto-")
+    config = KTOConfig(
+        output_dir=work, per_device_train_batch_size=args.batch_size, max_steps=args.max_steps,
+        beta=args.beta, learning_rate=args.learning_rate, max_length=args.max_length,
+        precompute_ref_log_probs=args.mode != "live",
+        precompute_ref_batch_size=args.precompute_batch_size,
+        train_sampling_strategy="sequential", bf16=args.bf16, logging_steps=10**9,
+        save_strategy="no", report_to=[], disable_tqdm=True, seed=0,
+        use_cpu=not torch.cuda.is_available(), dataloader_drop_last=True)
+    t0 = time.monotonic()
+    trainer = PreTokenized(model=model, args=config, train_dataset=dataset,
+                           processing_class=tokenizer)
+    init_seconds = time.monotonic() - t0
+    result = {"mode": args.mode, "rows": len(dataset), "init_seconds": round(init_seconds, 3),
+              "precompute_seconds": round(PreTokenized.precompute_seconds, 3),
+              "keeps_reference_model": trainer.ref_model is not None}
+    if args.dump and args.mode != "live":
+        ds = trainer.train_dataset
+        args.dump.write_text(json.dumps({"ref_logps": list(ds["ref_logps"]),
+                                         "ref_kl_logps": list(ds["ref_KL_logps"])}))
+    if args.mode != "precompute-only":
+        t0 = time.monotonic()
+        out = trainer.train()
+        seconds = time.monotonic() - t0
+        result |= {"steps": out.global_step, "train_seconds": round(seconds, 3),
+                   "seconds_per_step": round(seconds / out.global_step, 4),
+                   "train_loss": out.training_loss}
+    if torch.cuda.is_available():
+        result["cuda_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
