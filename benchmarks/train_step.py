@@ -102,6 +102,7 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--learning-rate", type=float, default=1e-5)
+    ap.add_argument("--modes", default=",".join(MODES), help="a subset of " + ",".join(MODES))
 
 
 def setup(args) -> tuple[ModelShape, Path, Path]:
@@ -123,12 +124,14 @@ def main() -> None:
     info = machine(args.dtype)
     peak = info[f"gemm_peak_gflops_{args.dtype}"] * 1e9
 
-    runs: dict[str, list[dict]] = {m: [] for m in MODES}
+    modes = [m for m in MODES if m in args.modes.split(",")]
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
     for rep in range(args.reps):
-        runs["kto-train"].append(kto_train(model, cache, args.out / f"policy-{rep}", 0.1, args))
-        runs["trl-live"].append(trl(model, cache, "live", steps, 0.1, args))
-        runs["trl-precompute"].append(trl(model, cache, "precompute", steps, 0.1, args))
-        for m in MODES:
+        for m in modes:
+            runs[m].append(kto_train(model, cache, args.out / f"policy-{rep}", 0.1, args)
+                           if m == "kto-train" else
+                           trl(model, cache, m.removeprefix("trl-"), steps, 0.1, args))
+        for m in modes:
             r = runs[m][-1]
             print(f"rep {rep} {m}: {r['seconds_per_step']:.3f} s/step, "
                   f"{r['peak_rss_gib']:.2f} GiB", flush=True)
@@ -136,7 +139,7 @@ def main() -> None:
     bytes_per = 2 if args.dtype == "bfloat16" else 4
     ref_gib = shape.parameters()["total"] * bytes_per / 2**30
     summary, rows = {}, []
-    for m in MODES:
+    for m in modes:
         rs = runs[m]
         s = {"seconds_per_step": spread([r["seconds_per_step"] for r in rs], 3),
              "peak_rss_gib": spread([r["peak_rss_gib"] for r in rs], 3),
@@ -144,8 +147,8 @@ def main() -> None:
         if m == "trl-precompute":
             s["precompute_seconds"] = spread([r["precompute_seconds"] for r in rs], 1)
         summary[m] = s
-    live = summary["trl-live"]
-    for m in MODES:
+    live = summary.get("trl-live")
+    for m in modes:
         s = summary[m]
         if m == "trl-live":
             tokens = args.batch_size * (4 * stats["target_tokens_per_row"]
@@ -154,11 +157,12 @@ def main() -> None:
             tokens = args.batch_size * (3 * stats["target_tokens_per_row"]
                                         + stats["kl_tokens_per_row"])
         util = tokens * shape.flops_per_token() / s["seconds_per_step"]["median"] / peak
-        ratio = s["seconds_per_step"]["median"] / live["seconds_per_step"]["median"]
-        mem = s["peak_rss_gib"]["median"] - live["peak_rss_gib"]["median"]
-        rows.append([m, fmt(s["seconds_per_step"], 2), f"{ratio:.2f}x", FORWARDS[m],
-                     f"{100 * util:.0f}%", fmt(s["peak_rss_gib"], 2),
-                     f"{mem:+.2f}" if m != "trl-live" else "",
+        ratio = (f"{s['seconds_per_step']['median'] / live['seconds_per_step']['median']:.2f}x"
+                 if live else "")
+        mem = (f"{s['peak_rss_gib']['median'] - live['peak_rss_gib']['median']:+.2f}"
+               if live and m != "trl-live" else "")
+        rows.append([m, fmt(s["seconds_per_step"], 2), ratio, FORWARDS[m],
+                     f"{100 * util:.0f}%", fmt(s["peak_rss_gib"], 2), mem,
                      fmt(s.get("precompute_seconds", {"median": 0, "min": 0, "max": 0}), 1)
                      if m == "trl-precompute" else ""])
     md = (f"`{command_line()}`: {stats['rows']} rows (first {args.records} records of each "

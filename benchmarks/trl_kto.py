@@ -32,6 +32,26 @@ def cache_dataset(cache: Path):
     return Dataset.from_dict(data)
 
 
+def pretokenized_trainer():
+    """KTOTrainer that takes already-tokenized rows as they are (TRL's own
+    post-tokenization columns) and times its reference precompute."""
+    from trl import KTOTrainer
+
+    class PreTokenized(KTOTrainer):
+        precompute_seconds = 0.0
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            t0 = time.monotonic()
+            out = super()._precompute_ref_logps(dataset, name, batch_size)
+            PreTokenized.precompute_seconds += time.monotonic() - t0
+            return out
+
+    return PreTokenized
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True)
@@ -50,21 +70,9 @@ def main() -> None:
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import KTOConfig, KTOTrainer
+    from trl import KTOConfig
 
-    class PreTokenized(KTOTrainer):
-        """Takes the cache's token ids as they are; times the reference precompute."""
-        precompute_seconds = 0.0
-
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            return dataset
-
-        def _precompute_ref_logps(self, dataset, name, batch_size):
-            t0 = time.monotonic()
-            out = super()._precompute_ref_logps(dataset, name, batch_size)
-            PreTokenized.precompute_seconds += time.monotonic() - t0
-            return out
-
+    PreTokenized = pretokenized_trainer()
     torch.manual_seed(0)
     dataset = cache_dataset(args.cache)
     tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="left")

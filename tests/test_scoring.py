@@ -12,7 +12,9 @@ from helpers import assert_close, naive_logps
 
 from precompute.scoring import hf
 from precompute.scoring.hf import HFScorer, plain_head, token_budget_batches
-from shared.logprobs import sequence_logps
+from shared.logprobs import sequence_logps, tail_logps
+from train.data import sequences
+from train.trainer import policy_logps
 
 
 def random_pairs(vocab, n, seed, max_prompt=60, max_completion=90):
@@ -61,6 +63,21 @@ def test_scaled_logits_are_not_taken_for_a_plain_head(model):
 
     assert plain_head(Scaled(model)) == (None, None)
     assert plain_head(model)[1] is model.lm_head
+
+
+def test_tail_logps_equal_full_sequence_logps_on_left_padded_batch(model, pairs):
+    seqs = sequences([list(p) for p, _ in pairs[:12]], [list(c) for _, c in pairs[:12]], 0)
+    with torch.no_grad():
+        full = model(input_ids=seqs["input_ids"], attention_mask=seqs["attention_mask"],
+                     position_ids=seqs["position_ids"]).logits
+        expected = sequence_logps(full, seqs["input_ids"], seqs["completion_mask"])
+        from_tail = tail_logps(full, seqs["input_ids"], seqs["completion_len"])
+        kept = policy_logps(model, seqs, keep_tail=True)  # logits_to_keep: tail only
+    # float32 sums of ~100 terms in another order: relative 1e-7 observed
+    torch.testing.assert_close(from_tail, expected, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(kept, expected, rtol=1e-6, atol=1e-5)
+    assert_close(expected.double().numpy(), naive_logps(model, pairs[:12]),
+                 what="left-padded batch vs naive")
 
 
 def test_batching_does_not_change_results(tiny_dir, pairs):

@@ -40,8 +40,10 @@ def test_micro_batches_partition_each_global_batch():
     assert seen == list(range(24, 48))
 
 
-def test_sequences_mask_completion_tokens_only():
+def test_sequences_are_left_padded_with_positions_and_completion_mask():
     out = sequences([[1, 2], [3]], [[4, 5, 6], [7]], pad_id=0)
-    assert out["input_ids"].tolist() == [[1, 2, 4, 5, 6], [3, 7, 0, 0, 0]]
-    assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
-    assert out["completion_mask"].tolist() == [[0, 0, 1, 1, 1], [0, 1, 0, 0, 0]]
+    assert out["input_ids"].tolist() == [[1, 2, 4, 5, 6], [0, 0, 0, 3, 7]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [0, 0, 0, 1, 1]]
+    assert out["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 0, 0, 0, 1]]
+    assert out["completion_mask"].tolist() == [[0, 0, 1, 1, 1], [0, 0, 0, 0, 1]]
+    assert out["completion_len"].tolist() == [3, 1]

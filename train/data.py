@@ -82,24 +82,24 @@ def micro_batch_rows(order: np.ndarray, step_in_epoch: int, micro: int, process:
     return order[start:start + per_device]
 
 
-def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sequences(prompts: list[list[int]], completions: list[list[int]],
+              pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompt + completion (every completion ends at the last position, so
+    the LM head is needed only on the last max(completion_len) + 1 positions), with
+    explicit position ids and a mask on completion tokens only."""
+    seqs = [p + c for p, c in zip(prompts, completions, strict=True)]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
-    return ids, mask
-
-
-def sequences(prompts: list[list[int]], completions: list[list[int]],
-              pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded prompt + completion with a mask on completion tokens only."""
-    ids, mask = _pad([p + c for p, c in zip(prompts, completions, strict=True)], pad_id)
     completion_mask = torch.zeros_like(mask)
-    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-        completion_mask[i, len(p):len(p) + len(c)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "completion_mask": completion_mask}
+    for i, (s, c) in enumerate(zip(seqs, completions, strict=True)):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+        completion_mask[i, width - len(c):] = 1
+    return {"input_ids": ids, "attention_mask": mask,
+            "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+            "completion_mask": completion_mask,
+            "completion_len": torch.tensor([len(c) for c in completions], dtype=torch.long)}
 
 
 def collate(rows: CacheRows, indices: np.ndarray, pad_id: int) -> dict[str, Any]:

@@ -5,6 +5,7 @@ compare against a live reference model)."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import tempfile
@@ -18,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from shared.errors import KtoError
-from shared.logprobs import sequence_logps
+from shared.logprobs import tail_logps
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig
 from train.data import CacheRows, collate, epoch_order, micro_batch_rows, open_cache
@@ -46,10 +47,21 @@ def cached_reference(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]
     return batch["ref_logps"], batch["ref_kl_logps"]
 
 
-def policy_logps(model: torch.nn.Module, seqs: dict[str, torch.Tensor]) -> torch.Tensor:
+def policy_logps(model: torch.nn.Module, seqs: dict[str, torch.Tensor],
+                 keep_tail: bool = True) -> torch.Tensor:
+    """Completion log-prob sums of a left-padded batch; with ``keep_tail`` the model
+    computes logits only for the last max(completion_len) + 1 positions (no LM head on
+    prompt tokens)."""
+    k = int(seqs["completion_len"].max())
+    kwargs = {"logits_to_keep": k + 1} if keep_tail else {}
     logits = model(input_ids=seqs["input_ids"], attention_mask=seqs["attention_mask"],
-                   use_cache=False).logits
-    return sequence_logps(logits, seqs["input_ids"], seqs["completion_mask"])
+                   position_ids=seqs["position_ids"], use_cache=False, **kwargs).logits
+    return tail_logps(logits, seqs["input_ids"], seqs["completion_len"])
+
+
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def _to(batch: Any, device: torch.device) -> Any:
@@ -89,6 +101,7 @@ class Trainer:
         self.total_steps = (c.max_steps if c.max_steps > 0
                             else math.ceil(c.num_train_epochs * self.steps_per_epoch))
         model = load_policy(c)
+        self.keep_tail = accepts_logits_to_keep(model)
         optimizer = build_optimizer(model, c)
         self.scheduler = build_scheduler(optimizer, c, self.total_steps)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
@@ -116,10 +129,10 @@ class Trainer:
         c, acc = self.config, self.accelerator
         ref_logps, ref_kl_logps = self.reference(batch)
         with acc.autocast():
-            logps = policy_logps(self.model, batch["target"])
+            logps = policy_logps(self.model, batch["target"], self.keep_tail)
             if c.loss_type == "kto":
                 with torch.no_grad():
-                    kl_logps = policy_logps(self.model, batch["kl"])
+                    kl_logps = policy_logps(self.model, batch["kl"], self.keep_tail)
                 kl = estimate_kl(kl_logps, ref_kl_logps, acc.gather)
             else:
                 kl = torch.zeros((), dtype=torch.float64, device=acc.device)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from precompute.scoring import Pair
-from shared.logprobs import token_logps
+from shared.logprobs import tail_logps, token_logps
 
 log = logging.getLogger(__name__)
 HEAD_CHUNK = 2048  # completion positions per LM-head chunk
@@ -84,12 +84,9 @@ class HFScorer:
         k = int(clen.max())  # positions T-k-1 .. T-2 predict the last k tokens
         kwargs = {"logits_to_keep": k + 1} if self.keep_arg else {}
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                            **kwargs).logits[:, -(k + 1):-1]
-        lp = token_logps(logits, ids[:, -k:])
-        in_completion = torch.arange(k, device=self.device)[None, :] >= (k - clen)[:, None]
-        # where, not multiply: a fully padded query row may hold non-finite values. The
-        # sum runs in float64: a float32 sum of ~1000 terms drifts by ~1e-4 nats.
-        return torch.where(in_completion, lp, 0.0).double().sum(-1).cpu().numpy()
+                            **kwargs).logits
+        # float64 sum: a float32 sum of ~1000 terms drifts by ~1e-4 nats
+        return tail_logps(logits, ids, clen, torch.float64).cpu().numpy()
 
     def close(self) -> None:
         del self.model, self.body, self.head
