@@ -13,6 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from helpers import assert_trajectories_close, assert_weights_close
+from safetensors.torch import load_file
 from train_helpers import (
     build_polite_cache,
     final_weights,
@@ -57,6 +58,18 @@ def test_cached_reference_equals_live_reference(setup, tiny_dir):
     assert_trajectories_close(cached_m, live_m, TRAJECTORY)
     assert abs(cached_m[0]["rewards/chosen"]) > 1e-2  # the policy differs from the reference
     assert_weights_close(cached_w, live_w)
+
+
+def test_fused_adamw_equals_per_parameter_adamw(setup):
+    """--optim adamw_torch_fused (the default, faster) takes the same steps as the loop."""
+    root = setup["root"]
+    fused_m, fused_w = run_training(setup["policy"], setup["cache"], root / "fused")
+    loop_m, loop_w = run_training(setup["policy"], setup["cache"], root / "loop",
+                                  optim="adamw_torch")
+    assert_trajectories_close(fused_m, loop_m, (*TRAJECTORY, "grad_norm"))
+    assert_weights_close(fused_w, loop_w)
+    first = load_file(str(setup["policy"] / "model.safetensors"))
+    assert max(float((fused_w[k] - first[k]).abs().max()) for k in first) > 1e-3  # it moved
 
 
 def test_resume_after_kill_equals_uninterrupted(setup):

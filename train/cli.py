@@ -10,7 +10,7 @@ import logging
 import click
 
 from shared.cli import config_param, setup_logging, user_errors
-from train.config import REPORT_TO, SCHEDULERS, TrainConfig
+from train.config import OPTIMIZERS, REPORT_TO, SCHEDULERS, TrainConfig
 from train.loss import LOSS_TYPES
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,8 @@ HELP = {
     "num_train_epochs": "Epochs (fractions allowed); --max-steps wins when > 0.",
     "max_steps": "Optimizer steps; -1 = from --num-train-epochs.",
     "max_grad_norm": "Clip gradients to this norm (0 = no clipping; the norm is logged).",
+    "optim": "AdamW kernel: fused (one kernel for all parameters; transformers' default) or "
+             "the per-parameter loop (same math).",
     "bf16": "bf16 autocast (weights and optimizer stay in float32).",
     "group_by_length": "Batch rows of similar length together to save padding.",
     "logging_steps": "Log every N steps (and always step 1, from the initial weights).",
@@ -39,7 +41,8 @@ HELP = {
     "merge_lora": "Also save the merged model (adapters are always saved).",
     "eval_only": "Only evaluate --model on --eval-cache (metrics.jsonl), no training.",
 }
-CHOICES = {"loss_type": LOSS_TYPES, "lr_scheduler_type": SCHEDULERS, "report_to": REPORT_TO}
+CHOICES = {"loss_type": LOSS_TYPES, "lr_scheduler_type": SCHEDULERS, "report_to": REPORT_TO,
+           "optim": OPTIMIZERS}
 REQUIRED = ("model", "cache", "output")
 
 

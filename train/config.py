@@ -12,6 +12,8 @@ from train.loss import LOSS_TYPES, KTOLossConfig
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
               "polynomial", "inverse_sqrt")
 REPORT_TO = ("none", "tensorboard", "wandb")
+# transformers' names; its default for torch >= 2.8 is the fused kernel (CPU and CUDA)
+OPTIMIZERS = ("adamw_torch_fused", "adamw_torch")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class TrainConfig:
     lr_scheduler_type: str = "linear"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    optim: str = "adamw_torch_fused"
     bf16: bool = False
     gradient_checkpointing: bool = False
     group_by_length: bool = True
@@ -62,6 +65,8 @@ class TrainConfig:
         if self.lr_scheduler_type not in SCHEDULERS:
             raise ConfigError(f"--lr-scheduler-type {self.lr_scheduler_type!r}: expected "
                               f"{', '.join(SCHEDULERS)}")
+        if self.optim not in OPTIMIZERS:
+            raise ConfigError(f"--optim {self.optim!r}: expected {', '.join(OPTIMIZERS)}")
         if self.report_to not in REPORT_TO:
             raise ConfigError(f"--report-to {self.report_to!r}: expected {', '.join(REPORT_TO)}")
         positive = ("per_device_train_batch_size", "gradient_accumulation_steps",
