@@ -48,7 +48,7 @@ bench: $(STAMP)
 	$(BIN)/pip install --quiet -c constraints/cpu.txt -e '.[bench]'
 	$(BIN)/python benchmarks/scoring.py --out runs/bench/scoring
 	$(BIN)/python benchmarks/train_step.py --out runs/bench/train
-	$(BIN)/python benchmarks/sweep.py --out runs/bench/sweep --records 12
+	$(BIN)/python benchmarks/sweep.py --out runs/bench/sweep --records 12 --backend hf
 	$(BIN)/python benchmarks/scaling.py --out runs/bench/scaling
 
 clean-venv:

@@ -1,0 +1,58 @@
+"""The benchmark scripts' own arithmetic: the parameter and FLOP count behind every
+"of FLOP limit" column, the padding counts, the repetition statistics; and every
+script parses its arguments (the benchmarks themselves are run by `make bench`, never
+timed in tests)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+from common import ModelShape, fmt, spread  # noqa: E402
+from padding import padding  # noqa: E402
+
+
+def test_model_shape_counts_the_parameters_of_the_model_it_builds(tokenizer):
+    from train import demo
+
+    shape = ModelShape(layers=2, hidden=128, vocab=3000)
+    model = demo.build_model(tokenizer, layers=shape.layers, hidden=shape.hidden,
+                             vocab_size=shape.vocab)
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight.numel()
+    assert shape.parameters() == {"total": total, "non_embedding": total - embedding}
+    assert shape.flops_per_token() == 2 * (total - embedding)
+
+
+def test_padding_counts_by_hand():
+    # one batch: lengths 3 and 4, completions 1 and 3 tokens
+    pairs = [([1, 2], [3]), ([1], [2, 3, 4])]
+    assert padding(pairs, batch_tokens=100) == {
+        "body_positions": 8, "real_tokens": 7,
+        "tail_head_rows": 8,  # 2 rows x (max completion 3 + 1)
+        "completion_tokens": 4}
+    # a budget of 4 tokens puts each row in its own batch: no padding at all
+    assert padding(pairs, batch_tokens=4) == {
+        "body_positions": 7, "real_tokens": 7, "tail_head_rows": 2 + 4,
+        "completion_tokens": 4}
+
+
+def test_spread_and_fmt():
+    s = spread([3.0, 1.0, 2.0, 10.0], digits=1)
+    assert s == {"median": 2.5, "min": 1.0, "max": 10.0, "n": 4}
+    assert fmt(s, 1) == "2.5 (1.0-10.0)"
+
+
+@pytest.mark.parametrize("script", ["scoring.py", "train_step.py", "sweep.py", "scaling.py",
+                                    "backends.py", "trl_kto.py", "padding.py"])
+def test_benchmark_script_parses_its_arguments(script):
+    out = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "usage:" in out.stdout
