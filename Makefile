@@ -43,7 +43,7 @@ test: lint $(AIRFLOW_STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m train.demo runs/demo
 
-# Every benchmark against TRL (about 45 minutes on 2 CPU cores); tables in runs/bench/*/*.md
+# Every benchmark against TRL (about 40 minutes on 2 CPU cores); tables in runs/bench/*/*.md
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -c constraints/cpu.txt -e '.[bench]'
 	$(BIN)/python benchmarks/scoring.py --out runs/bench/scoring
