@@ -14,21 +14,19 @@ import json
 import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from conftest import read_cache  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from precompute.scoring.hf import token_budget_batches  # noqa: E402
 
 
 def cache_pairs(cache: Path) -> list[tuple[list[int], list[int]]]:
     """Every (prompt, completion) the scorer sees: targets, then KL sequences."""
-    manifest = json.loads((cache / "manifest.json").read_text())
-    pairs: list[tuple[list[int], list[int]]] = []
-    for column in ("completion_ids", "kl_completion_ids"):
-        for shard in manifest["shards"]:
-            t = pq.read_table(cache / shard["name"], columns=["prompt_ids", column]).to_pydict()
-            pairs += list(zip(t["prompt_ids"], t[column], strict=True))
-    return pairs
+    t = read_cache(cache)[1].select(["prompt_ids", "completion_ids", "kl_completion_ids"])
+    t = t.to_pydict()
+    return [*zip(t["prompt_ids"], t["completion_ids"], strict=True),
+            *zip(t["prompt_ids"], t["kl_completion_ids"], strict=True)]
 
 
 def padding(pairs, batch_tokens: int) -> dict[str, int]:

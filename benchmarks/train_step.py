@@ -18,10 +18,10 @@ import sys
 from pathlib import Path
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    ROOT,
     ModelShape,
     build_model,
     checked,
@@ -34,6 +34,9 @@ from common import (  # noqa: E402
     table,
     write,
 )
+
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import read_cache  # noqa: E402
 
 MODES = ("kto-train", "trl-live", "trl-precompute")
 # Forward-equivalents per row (backward = 2 forwards): target fwd+bwd, KL fwd, and with a
@@ -52,8 +55,7 @@ def build_cache(model: Path, data: list[str], out: Path, args) -> Path:
 
 
 def cache_stats(cache: Path) -> dict[str, float]:
-    manifest = json.loads((cache / "manifest.json").read_text())
-    t = pq.read_table(cache / manifest["shards"][0]["name"])
+    t = read_cache(cache)[1]  # every shard (this read only the first before)
     n = t.num_rows
     mean = {c: pc.sum(pc.list_value_length(t[c])).as_py() / n
             for c in ("prompt_ids", "completion_ids", "kl_completion_ids")}

@@ -37,7 +37,7 @@ def test_padding_counts_by_hand():
         "body_positions": 8, "real_tokens": 7,
         "tail_head_rows": 8,  # 2 rows x (max completion 3 + 1)
         "completion_tokens": 4}
-    # a budget of 4 tokens puts each row in its own batch: no padding at all
+    # a budget of 4 tokens puts each row in its own batch: no body padding
     assert padding(pairs, batch_tokens=4) == {
         "body_positions": 7, "real_tokens": 7, "tail_head_rows": 2 + 4,
         "completion_tokens": 4}

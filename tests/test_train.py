@@ -13,7 +13,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 from helpers import assert_trajectories_close, assert_weights_close
-from safetensors.torch import load_file
 from train_helpers import (
     build_polite_cache,
     final_weights,
@@ -68,8 +67,21 @@ def test_fused_adamw_equals_per_parameter_adamw(setup):
                                   optim="adamw_torch")
     assert_trajectories_close(fused_m, loop_m, (*TRAJECTORY, "grad_norm"))
     assert_weights_close(fused_w, loop_w)
-    first = load_file(str(setup["policy"] / "model.safetensors"))
+    first = final_weights(setup["policy"])
     assert max(float((fused_w[k] - first[k]).abs().max()) for k in first) > 1e-3  # it moved
+
+
+def test_optim_flag_chooses_the_adamw_kernel(setup):
+    """The test above passes even if --optim were ignored; this one does not."""
+    from transformers import AutoModelForCausalLM
+
+    from train.config import TrainConfig
+    from train.setup import build_optimizer
+
+    model = AutoModelForCausalLM.from_pretrained(setup["policy"])
+    for optim, fused in (("adamw_torch_fused", True), ("adamw_torch", False)):
+        config = TrainConfig(model="m", cache="c", output="o", optim=optim)
+        assert build_optimizer(model, config).defaults["fused"] is fused
 
 
 def test_resume_after_kill_equals_uninterrupted(setup):
