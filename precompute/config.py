@@ -31,12 +31,13 @@ class PrecomputeConfig:
     worker_index: int = 0
     skip_invalid: bool = False
     overwrite: bool = False
-    # transformers backend
-    batch_tokens: int = 16384
+    # transformers backend: padded tokens per forward batch; None = from the device
+    batch_tokens: int | None = None
     # vLLM backend
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_gib: float = 1.0
+    max_num_batched_tokens: int | None = None  # None = vLLM's default for the device
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -52,8 +53,11 @@ class PrecomputeConfig:
         if not 0 <= self.worker_index < self.num_workers:
             raise ConfigError(f"--worker-index {self.worker_index} must be in "
                               f"[0, --num-workers {self.num_workers})")
-        if self.batch_tokens < 1 or self.tensor_parallel_size < 1:
+        if (self.batch_tokens is not None and self.batch_tokens < 1) or \
+                self.tensor_parallel_size < 1:
             raise ConfigError("--batch-tokens and --tensor-parallel-size must be positive")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ConfigError("--max-num-batched-tokens must be positive")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"--gpu-memory-utilization {self.gpu_memory_utilization} must be "
                               "in (0, 1]")

@@ -127,7 +127,8 @@ def _start_scorer(config: PrecomputeConfig, backend: str, rows: pa.Table):
                        max_model_len=longest + 1,  # vLLM scores at most max_model_len - 1
                        tensor_parallel_size=config.tensor_parallel_size,
                        gpu_memory_utilization=config.gpu_memory_utilization,
-                       cpu_kv_cache_gib=config.cpu_kv_cache_gib, seed=config.seed)
+                       cpu_kv_cache_gib=config.cpu_kv_cache_gib, seed=config.seed,
+                       max_num_batched_tokens=config.max_num_batched_tokens)
 
 
 def check_position_limit(model: str, longest: int) -> None:
@@ -189,7 +190,7 @@ def build_manifest(identity: dict[str, Any], cache_key: str, prepared: Prepared,
 def _summary(manifest: dict[str, Any], scored: dict[str, float], seconds: float, out: Path,
              config: PrecomputeConfig) -> dict[str, Any]:
     rate = scored["seconds"] or float("nan")
-    return {
+    return _with_gpu_memory({
         "output": str(out),
         "manifest": part_manifest_name(config.num_workers, config.worker_index),
         "backend": manifest["backend"]["name"],
@@ -205,4 +206,14 @@ def _summary(manifest: dict[str, Any], scored: dict[str, float], seconds: float,
         "total_seconds": round(seconds, 2),
         "rows_per_second": round(scored["rows"] / rate, 1),
         "tokens_per_second": round(scored["tokens"] / rate, 1),
-    }
+    })
+
+
+def _with_gpu_memory(summary: dict[str, Any]) -> dict[str, Any]:
+    """Peak GPU memory of this process, where it used CUDA (the hf scorer; vLLM's engine
+    runs in its own process, and asking here must not initialize CUDA)."""
+    import torch
+
+    if torch.cuda.is_initialized():
+        summary["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return summary

@@ -41,6 +41,8 @@ def test_vllm_equals_transformers_equals_naive(vllm_run, tiny_dir, model):
     assert_close(data["scores"], naive, what="vLLM vs naive")
     assert_close(hf, naive, what="hf vs naive")
     assert_close(data["scores"], hf, what="vLLM vs hf")
+    # the installed vLLM offers flat prompt log-probs and the scorer sums them as a slice
+    assert data["flat_offered"] and data["flat_taken"]
 
 
 @needs_vllm

@@ -22,12 +22,31 @@ def main(model_dir: str, out: Path) -> None:
                         gpu_memory_utilization=0.9, cpu_kv_cache_gib=1, seed=0)
     try:
         scores = scorer.score(pairs).tolist()
+        flat = flat_path_taken(scorer, pairs[0])
         for name, path in (("kto", KTO_DEMO), ("dpo", DPO_DEMO)):
             build_cache(model_dir, [path], out / name, backend="vllm", scorer=scorer,
                         **REAL_OPTS)
     finally:
         scorer.close()
-    (out / "synthetic.json").write_text(json.dumps({"pairs": pairs, "scores": scores}))
+    (out / "synthetic.json").write_text(json.dumps({"pairs": pairs, "scores": scores,
+                                                    "flat_offered": scorer.flat,
+                                                    "flat_taken": flat}))
+
+
+def flat_path_taken(scorer, pair) -> bool:
+    """Whether vLLM returned FlatLogprobs that the scorer summed as one slice."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from precompute.scoring.vllm_backend import sum_flat_logprobs
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False,
+                            flat_logprobs=True)
+    out = scorer.llm.generate([TokensPrompt(prompt_token_ids=[*pair[0], *pair[1]])], params,
+                              use_tqdm=False)[0]
+    entries = out.prompt_logprobs
+    return (hasattr(entries, "start_indices")
+            and sum_flat_logprobs(entries, len(pair[0]), pair[1]) is not None)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,16 @@
 """vLLM scorer: offline ``LLM`` on token-id prompts with ``prompt_logprobs=0``,
 ``max_tokens=1``, no detokenization and no prefix caching (cached prompt tokens
-would get no log-probs). Where the installed vLLM runs Model Runner V2 it uses the
-cheaper selected-token API (``prompt_logprob_token_ids``); on CPU that runner needs
-Triton, which is absent, so the full ``prompt_logprobs`` path is used there."""
+would get no log-probs). The cheapest prompt-logprob path the installed vLLM offers:
+the selected-token API (``prompt_logprob_token_ids``, Model Runner V2 only) where it
+runs; else ``flat_logprobs`` (one flat list per request instead of a dict and a
+``Logprob`` object per token), summed without a Python loop per token; else the
+per-token dicts.
+
+CUDA must not be initialized in this process before ``LLM`` starts: vLLM forks its
+engine process, and a CUDA context (even ``torch.cuda.is_available()``, which
+registers torch's fork poisoning) makes the child fail with "Cannot re-initialize
+CUDA in forked subprocess". So nothing here touches ``torch.cuda``: where vLLM runs
+is asked of vLLM's platform detection (NVML)."""
 
 from __future__ import annotations
 
@@ -24,9 +32,9 @@ log = logging.getLogger(__name__)
 
 
 def _on_cpu() -> bool:
-    import torch
+    from vllm.platforms import current_platform  # NVML: no CUDA context, no fork poisoning
 
-    return not torch.cuda.is_available()
+    return current_platform.is_cpu()
 
 
 def cpu_env_defaults(kv_cache_gib: float) -> dict[str, str]:
@@ -53,8 +61,29 @@ def sum_prompt_logprobs(output: Any, pair: Pair) -> float:
     ``output.prompt_logprobs`` (entry t: {ids[t]: Logprob}; entry 0 is None)."""
     prompt, completion = pair
     entries = output.prompt_logprobs
+    if hasattr(entries, "start_indices"):
+        flat = sum_flat_logprobs(entries, len(prompt), completion)
+        if flat is not None:
+            return flat
     start = len(prompt)
     return float(sum(entries[start + i][tok].logprob for i, tok in enumerate(completion)))
+
+
+def sum_flat_logprobs(flat: Any, start: int, completion: Sequence[int]) -> float | None:
+    """The same sum from a ``FlatLogprobs`` container: with ``prompt_logprobs=0`` every
+    position holds exactly its actual token, so the completion's values are one
+    contiguous slice. None when the slice is not exactly the completion's tokens (the
+    caller then looks them up position by position)."""
+    lo, hi = flat.start_indices[start], flat.end_indices[start + len(completion) - 1]
+    if hi - lo != len(completion) or flat.token_ids[lo:hi] != list(completion):
+        return None
+    return float(np.sum(np.asarray(flat.logprobs[lo:hi], dtype=np.float64)))
+
+
+def _has_param(name: str) -> bool:
+    from vllm import SamplingParams
+
+    return name in inspect.signature(SamplingParams).parameters
 
 
 def _drop_warmup_noise(record: logging.LogRecord) -> bool:
@@ -68,7 +97,7 @@ class VLLMScorer:
 
     def __init__(self, model_path: str, dtype: str, *, max_model_len: int,
                  tensor_parallel_size: int, gpu_memory_utilization: float,
-                 cpu_kv_cache_gib: float, seed: int):
+                 cpu_kv_cache_gib: float, seed: int, max_num_batched_tokens: int | None = None):
         on_cpu = _on_cpu()
         if on_cpu:
             for key, value in cpu_env_defaults(cpu_kv_cache_gib).items():
@@ -81,22 +110,25 @@ class VLLMScorer:
         from vllm import LLM
 
         logging.getLogger("vllm.renderers.base").addFilter(_drop_warmup_noise)
+        extra = ({"max_num_batched_tokens": max_num_batched_tokens}
+                 if max_num_batched_tokens else {})
         try:
+            # eager on CPU: 15 s start vs 40 s compiled; on GPUs CUDA graphs and
+            # torch.compile stay on (vLLM's defaults)
             self.llm = LLM(model=model_path, skip_tokenizer_init=True, dtype=dtype,
                            tensor_parallel_size=tensor_parallel_size,
                            gpu_memory_utilization=gpu_memory_utilization,
                            enable_prefix_caching=False, max_model_len=max_model_len,
-                           seed=seed, enforce_eager=on_cpu)  # eager: 15 s start vs 40 s on CPU
+                           seed=seed, enforce_eager=on_cpu, **extra)
         except ValueError as err:  # vLLM reports bad settings (e.g. max_model_len) this way
             raise ConfigError(f"vLLM could not start on {model_path}: {err}") from None
         self.selected = self._selected_api_available()
-        log.info("vLLM scorer ready (%s)", "selected-token API" if self.selected
-                 else "prompt_logprobs API")
+        self.flat = _has_param("flat_logprobs")
+        log.info("vLLM scorer ready (%s)", "selected-token API" if self.selected else
+                 "prompt_logprobs API, flat" if self.flat else "prompt_logprobs API")
 
     def _selected_api_available(self) -> bool:
-        from vllm import SamplingParams
-
-        if "prompt_logprob_token_ids" not in inspect.signature(SamplingParams).parameters:
+        if not _has_param("prompt_logprob_token_ids"):
             return False
         config = getattr(getattr(self.llm, "llm_engine", None), "vllm_config", None)
         return bool(getattr(config, "use_v2_model_runner", False))
@@ -110,7 +142,8 @@ class VLLMScorer:
             params = [SamplingParams(max_tokens=1, detokenize=False, **selected_request(pair))
                       for pair in pairs]
         else:
-            params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+            flat = {"flat_logprobs": True} if self.flat else {}
+            params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, **flat)
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         if self.selected:
             return np.array([sum_selected(o) for o in outputs], dtype=np.float64)
