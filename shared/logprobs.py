@@ -1,9 +1,18 @@
 """The log-prob reduction both stages use (spec section 2): log-softmax in float32
-whatever the model dtype, the target token picked, summed over completion tokens."""
+whatever the model dtype, the target token picked, summed over completion tokens.
+
+``chunked_token_logps`` applies the LM head to the scored positions only, a chunk of
+rows at a time, in the forward and the backward pass, so that no more than
+``chunk x vocabulary`` logits exist at once (the scorer and kto-train both use it)."""
 
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
+
+# Logits per chunk of head rows: 2^26 float32 values = 256 MiB (441 rows of a 151936-entry
+# vocabulary, 2048 of a 32000-entry one).
+CHUNK_LOGITS = 2**26
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -41,3 +50,51 @@ def tail_logps(tail_logits: torch.Tensor, input_ids: torch.Tensor, completion_le
                      >= (k - completion_len.to(lp.device))[:, None])
     # where, not multiply: a row shorter than k + 1 has padding here, whose values are unused
     return torch.where(in_completion, lp, 0.0).to(sum_dtype).sum(-1)
+
+
+def chunk_rows(vocab: int, budget: int = CHUNK_LOGITS) -> int:
+    """Head rows per chunk so that one chunk's logits hold at most ``budget`` values."""
+    return max(1, budget // vocab)
+
+
+def _chunk_logps(head: torch.nn.Module, states: torch.Tensor,
+                 targets: torch.Tensor) -> torch.Tensor:
+    return token_logps(head(states), targets)
+
+
+def chunked_token_logps(states: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
+                        rows: int) -> torch.Tensor:
+    """log softmax(head(states))[targets] in float32, ``rows`` positions at a time.
+
+    states: [N, H] (the hidden states that predict the scored tokens); targets: [N].
+    Returns [N] float32. With gradients, each chunk is checkpointed: the backward pass
+    recomputes one chunk's logits at a time instead of keeping [N, V] of them, and
+    the head is called as a module each time, so hooks that gather sharded weights
+    (DeepSpeed ZeRO-3) run in the recomputation too."""
+    grad = torch.is_grad_enabled() and (states.requires_grad or any(
+        p.requires_grad for p in head.parameters()))
+    parts = []
+    for start in range(0, states.shape[0], rows):
+        s, t = states[start:start + rows], targets[start:start + rows]
+        parts.append(checkpoint(_chunk_logps, head, s, t, use_reentrant=False) if grad
+                     else _chunk_logps(head, s, t))
+    if not parts:
+        return states.new_zeros(0, dtype=torch.float32)
+    return torch.cat(parts)
+
+
+def plain_head(model: torch.nn.Module) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
+    """(decoder body, LM head) when ``model``'s logits equal ``head(body(...))`` on a
+    probe sequence; (None, None) otherwise (soft-capping, logit scaling, no such parts)."""
+    body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    head = model.get_output_embeddings()
+    if body is None or head is None:
+        return None, None
+    vocab = model.config.get_text_config().vocab_size
+    probe = (torch.arange(1, 17, device=model.device) * 7919 % vocab)[None, :]
+    with torch.no_grad():
+        ref = model(input_ids=probe).logits.float()
+        mine = head(body(input_ids=probe).last_hidden_state).float()
+    if mine.shape != ref.shape or not torch.allclose(mine, ref, rtol=1e-5, atol=1e-5):
+        return None, None
+    return body, head

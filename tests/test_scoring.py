@@ -10,11 +10,8 @@ import pytest
 import torch
 from helpers import assert_close, naive_logps
 
-from precompute.scoring import hf
-from precompute.scoring.hf import HFScorer, plain_head, token_budget_batches
+from precompute.scoring.hf import HFScorer, left_pad, plain_head, token_budget_batches
 from shared.logprobs import sequence_logps, tail_logps
-from train.data import sequences
-from train.trainer import policy_logps
 
 
 def random_pairs(vocab, n, seed, max_prompt=60, max_completion=90):
@@ -37,7 +34,7 @@ def test_hf_scorer_matches_naive_oracle(tiny_dir, model, pairs):
 def test_head_path_and_forward_path_agree(tiny_dir, model, pairs, monkeypatch):
     scorer = HFScorer(str(tiny_dir), "float32", batch_tokens=2048)
     assert scorer.head is not None  # a Llama's logits are its plain LM head
-    monkeypatch.setattr(hf, "HEAD_CHUNK", 7)  # chunks that split rows
+    scorer.head_rows = 7  # chunks that split rows
     chunked = scorer.score(pairs)
     scorer.head = None  # the model-forward path (logits_to_keep)
     assert_close(chunked, scorer.score(pairs), what="head path vs forward path")
@@ -66,16 +63,14 @@ def test_scaled_logits_are_not_taken_for_a_plain_head(model):
 
 
 def test_tail_logps_equal_full_sequence_logps_on_left_padded_batch(model, pairs):
-    seqs = sequences([list(p) for p, _ in pairs[:12]], [list(c) for _, c in pairs[:12]], 0)
+    ids, mask, positions, clen = left_pad(pairs[:12], 0)
+    completion_mask = (torch.arange(ids.shape[1])[None, :] >= ids.shape[1] - clen[:, None])
     with torch.no_grad():
-        full = model(input_ids=seqs["input_ids"], attention_mask=seqs["attention_mask"],
-                     position_ids=seqs["position_ids"]).logits
-        expected = sequence_logps(full, seqs["input_ids"], seqs["completion_mask"])
-        from_tail = tail_logps(full, seqs["input_ids"], seqs["completion_len"])
-        kept = policy_logps(model, seqs, keep_tail=True)  # logits_to_keep: tail only
+        full = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        expected = sequence_logps(full, ids, completion_mask.long())
+        from_tail = tail_logps(full, ids, clen)
     # float32 sums of ~100 terms in another order: relative 1e-7 observed
     torch.testing.assert_close(from_tail, expected, rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(kept, expected, rtol=1e-6, atol=1e-5)
     assert_close(expected.double().numpy(), naive_logps(model, pairs[:12]),
                  what="left-padded batch vs naive")
 

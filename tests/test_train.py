@@ -47,7 +47,7 @@ def test_cached_reference_equals_live_reference(setup, tiny_dir):
         def logps(seqs):
             logits = ref_model(input_ids=seqs["input_ids"], attention_mask=seqs["attention_mask"],
                                position_ids=seqs["position_ids"]).logits  # all positions
-            return sequence_logps(logits, seqs["input_ids"], seqs["completion_mask"]).double()
+            return sequence_logps(logits, seqs["input_ids"], seqs["score_mask"].long()).double()
         return logps(batch["target"]), logps(batch["kl"])
 
     root = setup["root"]

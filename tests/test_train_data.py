@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from train.data import epoch_order, micro_batch_rows, sequences
+from train.data import epoch_order, micro_batch_rows
+from train.packing import packed, padded, use_packing
 
 
 def padded_tokens(order, lengths, batch):
@@ -40,10 +41,27 @@ def test_micro_batches_partition_each_global_batch():
     assert seen == list(range(24, 48))
 
 
-def test_sequences_are_left_padded_with_positions_and_completion_mask():
-    out = sequences([[1, 2], [3]], [[4, 5, 6], [7]], pad_id=0)
-    assert out["input_ids"].tolist() == [[1, 2, 4, 5, 6], [0, 0, 0, 3, 7]]
-    assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [0, 0, 0, 1, 1]]
-    assert out["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 0, 0, 0, 1]]
-    assert out["completion_mask"].tolist() == [[0, 0, 1, 1, 1], [0, 0, 0, 0, 1]]
-    assert out["completion_len"].tolist() == [3, 1]
+def test_padded_layout_is_right_padded_so_no_query_row_is_fully_masked():
+    out = padded([[1, 2], [3]], [[4, 5, 6], [7]], pad_id=0)
+    assert out["input_ids"].tolist() == [[1, 2, 4, 5, 6], [3, 7, 0, 0, 0]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert out["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]
+    assert out["score_mask"].int().tolist() == [[0, 0, 1, 1, 1], [0, 1, 0, 0, 0]]
+    assert out["seq_index"].tolist() == [[0] * 5, [1] * 5] and out["num_seqs"] == 2
+    # every row starts with a real token: a causal query row always sees itself
+    assert out["attention_mask"][:, 0].all()
+
+
+def test_packed_layout_is_one_row_with_restarting_positions():
+    out = packed([[1, 2], [3]], [[4, 5, 6], [7]])
+    assert out["input_ids"].tolist() == [[1, 2, 4, 5, 6, 3, 7]]
+    assert out["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1]]
+    assert out["score_mask"].int().tolist() == [[0, 0, 1, 1, 1, 0, 1]]
+    assert out["seq_index"].tolist() == [[0, 0, 0, 0, 0, 1, 1]] and out["num_seqs"] == 2
+    assert "attention_mask" not in out  # transformers reads the boundaries from positions
+
+
+def test_packing_is_used_where_the_attention_kernel_skips_between_sequences():
+    assert use_packing(None, "flash_attention_2") and use_packing(None, "flex_attention")
+    assert not use_packing(None, "sdpa") and not use_packing(None, None)
+    assert use_packing(True, "sdpa") and not use_packing(False, "flash_attention_2")

@@ -14,9 +14,9 @@ import torch
 from conftest import KTO_DEMO, build_cache, read_cache
 from helpers import TRAIN_ATOL, TRAIN_RTOL, assert_close
 
-from train.data import sequences
+from train.head import add_chunked_head, policy_logps
 from train.loss import KTOLossConfig, estimate_kl, kto_loss
-from train.trainer import policy_logps
+from train.packing import padded
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from trl_kto import cache_dataset, pretokenized_trainer  # noqa: E402
@@ -67,13 +67,15 @@ def test_trl_loss_equals_kto_train_loss(trl_run):
         theirs = trainer.compute_loss(model, trainer.data_collator(rows))
 
         batch, pad = cache.slice(0, 8).to_pydict(), trainer.processing_class.pad_token_id
-        target = sequences(batch["prompt_ids"], batch["completion_ids"], pad)
-        kl_seqs = sequences(batch["prompt_ids"], batch["kl_completion_ids"], pad)
+        target = padded(batch["prompt_ids"], batch["completion_ids"], pad)
+        kl_seqs = padded(batch["prompt_ids"], batch["kl_completion_ids"], pad)
         labels = torch.tensor(batch["label"])
         ref = torch.tensor(batch["ref_logps"], dtype=torch.float64)
-        z = estimate_kl(policy_logps(model, kl_seqs),
+        add_chunked_head(model)  # on top of TRL's own patched forward: ours when asked
+        z = estimate_kl(policy_logps(model, kl_seqs).logps,
                         torch.tensor(batch["ref_kl_logps"], dtype=torch.float64))
-        ours = kto_loss(policy_logps(model, target), ref, labels, z, KTOLossConfig(beta=0.1))
+        ours = kto_loss(policy_logps(model, target).logps, ref, labels, z,
+                        KTOLossConfig(beta=0.1))
     assert labels.any() and (~labels).any() and float(z) > 0
     torch.testing.assert_close(ours.loss.double(), theirs.double(), rtol=TRAIN_RTOL,
                                atol=TRAIN_ATOL)

@@ -10,7 +10,7 @@ import logging
 import click
 
 from shared.cli import config_param, setup_logging, user_errors
-from train.config import OPTIMIZERS, REPORT_TO, SCHEDULERS, TrainConfig
+from train.config import OPTIMIZERS, REPORT_TO, SCHEDULERS, TORCH_DTYPES, TrainConfig
 from train.loss import LOSS_TYPES
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,17 @@ HELP = {
     "max_grad_norm": "Clip gradients to this norm (0 = no clipping; the norm is logged).",
     "optim": "AdamW kernel: fused (one kernel for all parameters; transformers' default) or "
              "the per-parameter loop (same math).",
-    "bf16": "bf16 autocast (weights and optimizer stay in float32).",
+    "bf16": "bf16 autocast (weights and optimizer stay in --torch-dtype).",
+    "torch_dtype": "dtype the policy is loaded in (its weights, gradients and AdamW state); "
+                   "bfloat16 halves their memory, as TRL users load models.",
+    "gradient_checkpointing": "Recompute activations in the backward pass (TRL's default): "
+                              "much less memory for about a third more compute.",
+    "attn_implementation": "transformers attention: sdpa (default), eager, flash_attention_2, "
+                           "flex_attention, ...",
+    "padding_free": "Pack each micro-batch's sequences into one row (no padding); default: on "
+                    "with flash_attention_2/3 or flex_attention, else padded.",
+    "router_aux_loss_coef": "MoE models: weight of the router load-balancing loss; default: "
+                            "the model config's (0 turns it off; an error on a dense model).",
     "group_by_length": "Batch rows of similar length together to save padding.",
     "logging_steps": "Log every N steps (and always step 1, from the initial weights).",
     "save_steps": "Checkpoint every N steps (0 = only the final model).",
@@ -42,7 +52,9 @@ HELP = {
     "eval_only": "Only evaluate --model on --eval-cache (metrics.jsonl), no training.",
 }
 CHOICES = {"loss_type": LOSS_TYPES, "lr_scheduler_type": SCHEDULERS, "report_to": REPORT_TO,
-           "optim": OPTIMIZERS}
+           "optim": OPTIMIZERS, "torch_dtype": TORCH_DTYPES}
+# Optional settings whose default (None) means "decided at run time"
+NONE_TYPES = {"padding_free": bool, "router_aux_loss_coef": float}
 REQUIRED = ("model", "cache", "output")
 
 
@@ -52,8 +64,11 @@ def _option(field: dataclasses.Field) -> click.Option:
     if field.name in REQUIRED:
         return click.Option([name, field.name], required=True, **kwargs)
     default = field.default
-    if isinstance(default, bool):
+    if isinstance(default, bool) or NONE_TYPES.get(field.name) is bool:
         return click.Option([f"{name}/--no-{name[2:]}", field.name], default=default, **kwargs)
+    if field.name in NONE_TYPES:
+        return click.Option([name, field.name], type=NONE_TYPES[field.name], default=None,
+                            **kwargs)
     kind = click.Choice(CHOICES[field.name]) if field.name in CHOICES else (
         type(default) if default is not None else str)
     return click.Option([name, field.name], type=kind, default=default, **kwargs)

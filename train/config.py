@@ -14,6 +14,8 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_wi
 REPORT_TO = ("none", "tensorboard", "wandb")
 # transformers' names; its default for torch >= 2.8 is the fused kernel (CPU and CUDA)
 OPTIMIZERS = ("adamw_torch_fused", "adamw_torch")
+# The dtype the policy's weights (and so gradients and AdamW state) are loaded in
+TORCH_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -40,9 +42,17 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     optim: str = "adamw_torch_fused"
+    # precision and memory (TRL / transformers names). Gradient checkpointing is on by
+    # default, as in TRL's KTOConfig: memory is what this tool promises to save, and
+    # checkpointing cuts activation memory by about the number of layers for about a
+    # third more compute (README, Training: memory and precision).
+    torch_dtype: str = "float32"
     bf16: bool = False
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = True
+    attn_implementation: str | None = None  # None = the model's default (sdpa)
+    padding_free: bool | None = None  # None = on for flash/flex attention
     group_by_length: bool = True
+    router_aux_loss_coef: float | None = None  # None = the MoE model config's own
     seed: int = 42
     # logging and checkpoints
     logging_steps: int = 10
@@ -65,6 +75,9 @@ class TrainConfig:
         if self.lr_scheduler_type not in SCHEDULERS:
             raise ConfigError(f"--lr-scheduler-type {self.lr_scheduler_type!r}: expected "
                               f"{', '.join(SCHEDULERS)}")
+        if self.torch_dtype not in TORCH_DTYPES:
+            raise ConfigError(f"--torch-dtype {self.torch_dtype!r}: expected "
+                              f"{', '.join(TORCH_DTYPES)}")
         if self.optim not in OPTIMIZERS:
             raise ConfigError(f"--optim {self.optim!r}: expected {', '.join(OPTIMIZERS)}")
         if self.report_to not in REPORT_TO:

@@ -1,6 +1,7 @@
 """The cache as training data: verified and fingerprint-checked before the first step,
 spilled once into a memory-mapped Arrow file (random access without holding rows as
-Python objects), ordered per epoch by the seed, sliced per process, padded per batch."""
+Python objects), ordered per epoch by the seed, sliced per process, padded (or packed)
+per batch."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 from shared.cache import verify_cache
 from shared.errors import CacheError
 from shared.fingerprint import tokenizer_fingerprint
+from train.packing import packed, padded
 
 log = logging.getLogger(__name__)
 COLUMNS = ("id", "label", "prompt_ids", "completion_ids", "kl_completion_ids", "ref_logps",
@@ -82,34 +84,22 @@ def micro_batch_rows(order: np.ndarray, step_in_epoch: int, micro: int, process:
     return order[start:start + per_device]
 
 
-def sequences(prompts: list[list[int]], completions: list[list[int]],
-              pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-padded prompt + completion (every completion ends at the last position, so
-    the LM head is needed only on the last max(completion_len) + 1 positions), with
-    explicit position ids and a mask on completion tokens only."""
-    seqs = [p + c for p, c in zip(prompts, completions, strict=True)]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    completion_mask = torch.zeros_like(mask)
-    for i, (s, c) in enumerate(zip(seqs, completions, strict=True)):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
-        completion_mask[i, width - len(c):] = 1
-    return {"input_ids": ids, "attention_mask": mask,
-            "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
-            "completion_mask": completion_mask,
-            "completion_len": torch.tensor([len(c) for c in completions], dtype=torch.long)}
-
-
-def collate(rows: CacheRows, indices: np.ndarray, pad_id: int) -> dict[str, Any]:
+def collate(rows: CacheRows, indices: np.ndarray, pad_id: int,
+            pack: bool = False) -> dict[str, Any]:
+    """One micro-batch: its labels and reference values, and the target and KL
+    sequences in the layout the forward takes (``train.packing``)."""
     batch = rows.table.take(pa.array(indices)).to_pydict()
+
+    def layout(completions: list[list[int]]) -> dict[str, Any]:
+        return (packed(batch["prompt_ids"], completions) if pack
+                else padded(batch["prompt_ids"], completions, pad_id))
+
     return {
         "ids": batch["id"],
         "labels": torch.tensor(batch["label"], dtype=torch.bool),
         "ref_logps": torch.tensor(batch["ref_logps"], dtype=torch.float64),
         "ref_kl_logps": torch.tensor(batch["ref_kl_logps"], dtype=torch.float64),
         "completion_lengths": torch.tensor([len(c) for c in batch["completion_ids"]]),
-        "target": sequences(batch["prompt_ids"], batch["completion_ids"], pad_id),
-        "kl": sequences(batch["prompt_ids"], batch["kl_completion_ids"], pad_id),
+        "target": layout(batch["completion_ids"]),
+        "kl": layout(batch["kl_completion_ids"]),
     }

@@ -36,6 +36,7 @@ class KTOLossOutput:
     losses: torch.Tensor  # [B] per-row L_i (before the SFT term)
     rewards: torch.Tensor  # [B] beta * r_i, detached
     kl: torch.Tensor  # scalar z, detached
+    aux_loss: torch.Tensor | None = None  # MoE router loss included in ``loss``, detached
 
 
 def estimate_kl(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor,

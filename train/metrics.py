@@ -19,7 +19,8 @@ class MetricWindow:
         self.sums: dict[str, float] = defaultdict(float)
 
     def add(self, loss: torch.Tensor, kl: torch.Tensor, rewards: torch.Tensor,
-            logps: torch.Tensor, labels: torch.Tensor, tokens: int) -> None:
+            logps: torch.Tensor, labels: torch.Tensor, tokens: int,
+            aux_loss: torch.Tensor | None = None) -> None:
         n = labels.numel()
         chosen, rejected = labels, ~labels
         s = self.sums
@@ -33,6 +34,8 @@ class MetricWindow:
         s["logps/chosen"] += float(logps[chosen].sum())
         s["logps/rejected"] += float(logps[rejected].sum())
         s["tokens"] += tokens
+        if aux_loss is not None:  # MoE policies (TRL logs it under this name)
+            s["aux_loss"] += float(aux_loss) * n
 
     def result(self, prefix: str = "") -> dict[str, float]:
         s = self.sums
@@ -44,6 +47,8 @@ class MetricWindow:
                "logps/rejected": _div(s["logps/rejected"], nr),
                "count/chosen": nc, "count/rejected": nr}
         out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+        if "aux_loss" in s:
+            out["aux_loss"] = s["aux_loss"] / rows
         return {f"{prefix}{k}": v for k, v in out.items()}
 
 

@@ -14,6 +14,7 @@ import torch
 
 from shared.errors import ConfigError
 from train.config import TrainConfig
+from train.head import add_chunked_head
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +64,41 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 
 def load_policy(config: TrainConfig) -> torch.nn.Module:
+    """The policy in --torch-dtype, dropout off, the chunked LM head added (train.head),
+    gradient checkpointing as asked, LoRA last (the head patch is on the base model)."""
     from transformers import AutoModelForCausalLM
 
+    extra = ({"attn_implementation": config.attn_implementation}
+             if config.attn_implementation else {})
     try:
-        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32)
-    except (OSError, ValueError) as err:
+        model = AutoModelForCausalLM.from_pretrained(
+            config.model, dtype=getattr(torch, config.torch_dtype), **extra)
+    except (OSError, ValueError, ImportError) as err:
         raise ConfigError(f"cannot load the policy from {config.model!r}: {err}") from None
     disable_dropout(model)
+    add_chunked_head(model)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # non-reentrant: works with DDP's no_sync and with frozen inputs (LoRA)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lora_r > 0:
         model = _with_lora(model, config)
     return model
+
+
+def router_aux_coef(model: torch.nn.Module, config: TrainConfig) -> float:
+    """TRL 1.16's rule: the configured coefficient, else the MoE model config's own
+    (``router_aux_loss_coef``, 0 if it declares none); a non-zero coefficient on a model
+    without router logits is an error."""
+    text = model.config.get_text_config()
+    is_moe = hasattr(text, "output_router_logits")
+    coef = config.router_aux_loss_coef
+    if coef and not is_moe:
+        raise ConfigError(f"--router-aux-loss-coef {coef}: {type(model).__name__} is not a "
+                          "mixture-of-experts model with router logits, so there is no "
+                          "auxiliary loss to weight; drop the flag")
+    if not is_moe:
+        return 0.0
+    return float(getattr(text, "router_aux_loss_coef", 0.0) if coef is None else coef)
 
 
 def _with_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:

@@ -5,7 +5,7 @@ compare against a live reference model)."""
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import logging
 import math
 import tempfile
@@ -19,12 +19,13 @@ import torch
 from tqdm.auto import tqdm
 
 from shared.errors import KtoError
-from shared.logprobs import tail_logps
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig
 from train.data import CacheRows, collate, epoch_order, micro_batch_rows, open_cache
+from train.head import policy_logps
 from train.loss import KTOLossOutput, estimate_kl, kto_loss
 from train.metrics import MetricsFile, MetricWindow
+from train.packing import use_packing
 from train.setup import (
     build_optimizer,
     build_scheduler,
@@ -32,6 +33,7 @@ from train.setup import (
     load_policy,
     load_tokenizer,
     make_accelerator,
+    router_aux_coef,
     save_final,
 )
 
@@ -47,21 +49,10 @@ def cached_reference(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]
     return batch["ref_logps"], batch["ref_kl_logps"]
 
 
-def policy_logps(model: torch.nn.Module, seqs: dict[str, torch.Tensor],
-                 keep_tail: bool = True) -> torch.Tensor:
-    """Completion log-prob sums of a left-padded batch; with ``keep_tail`` the model
-    computes logits only for the last max(completion_len) + 1 positions (no LM head on
-    prompt tokens)."""
-    k = int(seqs["completion_len"].max())
-    kwargs = {"logits_to_keep": k + 1} if keep_tail else {}
-    logits = model(input_ids=seqs["input_ids"], attention_mask=seqs["attention_mask"],
-                   position_ids=seqs["position_ids"], use_cache=False, **kwargs).logits
-    return tail_logps(logits, seqs["input_ids"], seqs["completion_len"])
-
-
-def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+def with_aux_loss(out: KTOLossOutput, aux: torch.Tensor, coef: float) -> KTOLossOutput:
+    """TRL's MoE objective: the KTO loss + router_aux_loss_coef x load-balancing loss."""
+    return dataclasses.replace(out, loss=out.loss + coef * aux.to(out.loss.dtype),
+                               aux_loss=aux.detach())
 
 
 def _to(batch: Any, device: torch.device) -> Any:
@@ -101,7 +92,12 @@ class Trainer:
         self.total_steps = (c.max_steps if c.max_steps > 0
                             else math.ceil(c.num_train_epochs * self.steps_per_epoch))
         model = load_policy(c)
-        self.keep_tail = accepts_logits_to_keep(model)
+        self.pack = use_packing(c.padding_free, model.config._attn_implementation)
+        self.aux_coef = router_aux_coef(model, c)
+        log.info("policy: %s weights, %s attention, %s batches, gradient checkpointing %s%s",
+                 c.torch_dtype, model.config._attn_implementation,
+                 "packed" if self.pack else "padded", "on" if c.gradient_checkpointing else "off",
+                 f", router aux loss x {self.aux_coef}" if self.aux_coef else "")
         optimizer = build_optimizer(model, c)
         self.scheduler = build_scheduler(optimizer, c, self.total_steps)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
@@ -123,25 +119,28 @@ class Trainer:
         return self._orders[epoch]
 
     def _batch(self, rows: CacheRows, indices) -> dict[str, Any]:
-        return _to(collate(rows, indices, self.pad_id), self.accelerator.device)
+        return _to(collate(rows, indices, self.pad_id, self.pack), self.accelerator.device)
 
     def forward_loss(self, batch: dict[str, Any]) -> tuple[KTOLossOutput, torch.Tensor, int]:
         c, acc = self.config, self.accelerator
         ref_logps, ref_kl_logps = self.reference(batch)
         with acc.autocast():
-            logps = policy_logps(self.model, batch["target"], self.keep_tail)
+            target = policy_logps(self.model, {**batch["target"],
+                                               "output_router_logits": bool(self.aux_coef)})
             if c.loss_type == "kto":
                 with torch.no_grad():
-                    kl_logps = policy_logps(self.model, batch["kl"], self.keep_tail)
+                    kl_logps = policy_logps(self.model, batch["kl"]).logps
                 kl = estimate_kl(kl_logps, ref_kl_logps, acc.gather)
             else:
                 kl = torch.zeros((), dtype=torch.float64, device=acc.device)
-            out = kto_loss(logps, ref_logps, batch["labels"], kl, c.loss,
+            out = kto_loss(target.logps, ref_logps, batch["labels"], kl, c.loss,
                            batch["completion_lengths"])
-        tokens = int(batch["target"]["attention_mask"].sum())
-        if c.loss_type == "kto":
-            tokens += int(batch["kl"]["attention_mask"].sum())
-        return out, logps.detach(), tokens
+            if target.aux_loss is not None:
+                out = with_aux_loss(out, target.aux_loss, self.aux_coef)
+        tokens = sum(int(batch[k]["score_mask"].numel() if self.pack else
+                         batch[k]["attention_mask"].sum())
+                     for k in (("target", "kl") if c.loss_type == "kto" else ("target",)))
+        return out, target.logps.detach(), tokens
 
     def _gathered(self, out: KTOLossOutput, logps: torch.Tensor, labels: torch.Tensor,
                   tokens: int, window: MetricWindow, ids: list[str]) -> None:
@@ -154,7 +153,8 @@ class Trainer:
                 "lower --learning-rate, or use float32 instead of --bf16")
         window.add(losses.mean(), out.kl, acc.gather(out.rewards).cpu(),
                    acc.gather(logps).cpu(), acc.gather(labels).cpu(),
-                   int(acc.gather(torch.tensor([tokens], device=acc.device)).sum()))
+                   int(acc.gather(torch.tensor([tokens], device=acc.device)).sum()),
+                   None if out.aux_loss is None else acc.gather(out.aux_loss.reshape(1)).mean())
 
     # ---- the loop ----------------------------------------------------------------------
     def train(self) -> dict[str, Any]:

@@ -5,7 +5,7 @@ completion positions go through the LM head and the float32 log-softmax.
 When the model's logits are exactly ``lm_head(last hidden state)`` (checked once at
 start against the model's own forward), the head is applied only to the real
 completion positions, gathered across the batch, in chunks: no head work on padding
-and at most ``HEAD_CHUNK`` x vocabulary logits in memory at a time. Otherwise (logit
+and at most ``chunk_rows(vocabulary)`` x vocabulary logits in memory at a time. Otherwise (logit
 soft-capping, scaling) the model's forward with ``logits_to_keep`` is used."""
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from precompute.scoring import Pair
-from shared.logprobs import tail_logps, token_logps
+from shared.logprobs import chunk_rows, chunked_token_logps, plain_head, tail_logps
 
 log = logging.getLogger(__name__)
-HEAD_CHUNK = 2048  # completion positions per LM-head chunk
+HEAD_CHUNK = 0  # completion positions per LM-head chunk; 0 = shared.logprobs.chunk_rows
 CPU_BATCH_TOKENS = 16384  # the CPU default the benchmarks measured with
 MIN_BATCH_TOKENS, MAX_BATCH_TOKENS = 2048, 131072
 
@@ -92,6 +92,7 @@ class HFScorer:
         self.pad_id = self.model.config.pad_token_id or 0  # masked out; any valid id works
         self.keep_arg = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self.body, self.head = plain_head(self.model)
+        self.head_rows = HEAD_CHUNK or chunk_rows(self.model.config.get_text_config().vocab_size)
         log.info("hf scorer on %s, %d tokens per batch: %s", self.device, self.batch_tokens,
                  "LM head on completion positions only" if self.head
                  else "model forward with logits_to_keep (logits are not a plain LM head)")
@@ -132,7 +133,7 @@ class HFScorer:
         if self.head is not None:
             hidden = self.body(input_ids=ids, attention_mask=mask,
                                position_ids=positions).last_hidden_state
-            return completion_logps(hidden, self.head, ids, clen).cpu().numpy()
+            return completion_logps(hidden, self.head, ids, clen, self.head_rows).cpu().numpy()
         k = int(clen.max())  # positions T-k-1 .. T-2 predict the last k tokens
         kwargs = {"logits_to_keep": k + 1} if self.keep_arg else {}
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
@@ -144,25 +145,8 @@ class HFScorer:
         del self.model, self.body, self.head
 
 
-def plain_head(model: torch.nn.Module) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
-    """(decoder body, LM head) when ``model``'s logits equal ``head(body(...))`` on a
-    probe sequence; (None, None) otherwise (soft-capping, logit scaling, no such parts)."""
-    body = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    head = model.get_output_embeddings()
-    if body is None or head is None:
-        return None, None
-    vocab = model.config.get_text_config().vocab_size
-    probe = (torch.arange(1, 17, device=model.device) * 7919 % vocab)[None, :]
-    with torch.inference_mode():
-        ref = model(input_ids=probe).logits.float()
-        mine = head(body(input_ids=probe).last_hidden_state).float()
-    if mine.shape != ref.shape or not torch.allclose(mine, ref, rtol=1e-5, atol=1e-5):
-        return None, None
-    return body, head
-
-
 def completion_logps(hidden: torch.Tensor, head: torch.nn.Module, ids: torch.Tensor,
-                     clen: torch.Tensor) -> torch.Tensor:
+                     clen: torch.Tensor, rows_per_chunk: int) -> torch.Tensor:
     """Per-row float64 sums of completion-token log-probs from left-padded hidden states
     [B, T, H]: only the sum(clen) real completion positions go through the head."""
     b, t = ids.shape
@@ -172,8 +156,5 @@ def completion_logps(hidden: torch.Tensor, head: torch.nn.Module, ids: torch.Ten
     targets = ids[:, 1:][is_target]
     states = hidden[:, :-1][is_target]
     rows = torch.arange(b, device=ids.device)[:, None].expand(b, t - 1)[is_target]
-    out = torch.zeros(b, dtype=torch.float64, device=ids.device)
-    for s in range(0, targets.numel(), HEAD_CHUNK):
-        lp = token_logps(head(states[s:s + HEAD_CHUNK]), targets[s:s + HEAD_CHUNK])
-        out.index_add_(0, rows[s:s + HEAD_CHUNK], lp.double())
-    return out
+    lp = chunked_token_logps(states, head, targets, rows_per_chunk)
+    return torch.zeros(b, dtype=torch.float64, device=ids.device).index_add_(0, rows, lp.double())
