@@ -17,6 +17,7 @@ from helpers import TRAIN_ATOL, TRAIN_RTOL, assert_close
 from train.head import add_chunked_head, policy_logps
 from train.loss import KTOLossConfig, estimate_kl, kto_loss
 from train.packing import padded
+from train.trainer import with_aux_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from trl_kto import cache_dataset, pretokenized_trainer  # noqa: E402
@@ -24,25 +25,28 @@ from trl_kto import cache_dataset, pretokenized_trainer  # noqa: E402
 ROWS = 24
 
 
-@pytest.fixture(scope="module")
-def trl_run(tiny_dir, tokenizer, tmp_path_factory):
-    """TRL with precompute_ref_log_probs on a 24-row real-data cache."""
+def trl_on_cache(model_dir, tokenizer, root: Path, **config):
+    """TRL with precompute_ref_log_probs on a 24-row real-data cache of ``model_dir``."""
     from transformers import AutoModelForCausalLM
     from trl import KTOConfig
 
-    root = tmp_path_factory.mktemp("trl")
     data = root / "kto.json"
     data.write_text(json.dumps(json.loads(KTO_DEMO.read_text())[:ROWS]))
-    build_cache(tiny_dir, [data], root / "cache", max_length=512, max_prompt_length=256)
-    policy = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
-    config = KTOConfig(output_dir=str(root / "out"), per_device_train_batch_size=8,
-                       precompute_ref_log_probs=True, train_sampling_strategy="sequential",
-                       report_to=[], disable_tqdm=True, use_cpu=True, beta=0.1,
-                       bf16=False)  # TRL defaults to bf16 autocast
-    trainer = pretokenized_trainer()(model=policy, args=config,
+    build_cache(model_dir, [data], root / "cache", max_length=512, max_prompt_length=256)
+    policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    args = KTOConfig(output_dir=str(root / "out"), per_device_train_batch_size=8,
+                     precompute_ref_log_probs=True, train_sampling_strategy="sequential",
+                     report_to=[], disable_tqdm=True, use_cpu=True, beta=0.1,
+                     bf16=False, **config)  # TRL defaults to bf16 autocast
+    trainer = pretokenized_trainer()(model=policy, args=args,
                                      train_dataset=cache_dataset(root / "cache"),
                                      processing_class=tokenizer)
     return trainer, read_cache(root / "cache")[1]
+
+
+@pytest.fixture(scope="module")
+def trl_run(tiny_dir, tokenizer, tmp_path_factory):
+    return trl_on_cache(tiny_dir, tokenizer, tmp_path_factory.mktemp("trl"))
 
 
 def test_trl_reference_logps_equal_the_cache(trl_run):
@@ -56,6 +60,15 @@ def test_trl_reference_logps_equal_the_cache(trl_run):
 
 def test_trl_loss_equals_kto_train_loss(trl_run):
     trainer, cache = trl_run
+    theirs, ours, z, labels = both_losses(trainer, cache, aux_coef=0.0)
+    assert labels.any() and (~labels).any() and float(z) > 0
+    torch.testing.assert_close(ours.double(), theirs.double(), rtol=TRAIN_RTOL,
+                               atol=TRAIN_ATOL)
+
+
+def both_losses(trainer, cache, aux_coef: float):
+    """TRL's compute_loss and kto-train's loss (train.head + the pure loss + the router
+    loss) on the first 8 rows, with the policy moved away from the reference."""
     model = trainer.model
     torch.manual_seed(1)
     with torch.no_grad():  # move the policy away from the reference: rewards and z != 0
@@ -65,7 +78,6 @@ def test_trl_loss_equals_kto_train_loss(trl_run):
     rows = [trainer.train_dataset[i] for i in range(8)]
     with torch.no_grad():
         theirs = trainer.compute_loss(model, trainer.data_collator(rows))
-
         batch, pad = cache.slice(0, 8).to_pydict(), trainer.processing_class.pad_token_id
         target = padded(batch["prompt_ids"], batch["completion_ids"], pad)
         kl_seqs = padded(batch["prompt_ids"], batch["kl_completion_ids"], pad)
@@ -74,8 +86,65 @@ def test_trl_loss_equals_kto_train_loss(trl_run):
         add_chunked_head(model)  # on top of TRL's own patched forward: ours when asked
         z = estimate_kl(policy_logps(model, kl_seqs).logps,
                         torch.tensor(batch["ref_kl_logps"], dtype=torch.float64))
-        ours = kto_loss(policy_logps(model, target).logps, ref, labels, z,
-                        KTOLossConfig(beta=0.1))
-    assert labels.any() and (~labels).any() and float(z) > 0
-    torch.testing.assert_close(ours.loss.double(), theirs.double(), rtol=TRAIN_RTOL,
+        out = policy_logps(model, {**target, "output_router_logits": bool(aux_coef)})
+        ours = kto_loss(out.logps, ref, labels, z, KTOLossConfig(beta=0.1))
+        if aux_coef:
+            ours = with_aux_loss(ours, out.aux_loss, aux_coef)
+    return theirs, ours.loss, z, labels
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    from tiny import save_tiny_moe
+
+    return save_tiny_moe(tmp_path_factory.mktemp("moe") / "model", aux_coef=0.02)
+
+
+def test_trl_moe_loss_with_router_aux_loss_equals_kto_train(moe_dir, tokenizer,
+                                                            tmp_path_factory):
+    """A mixture-of-experts policy: TRL 1.16 adds router_aux_loss_coef (here the model
+    config's 0.02) x the load-balancing loss; so does kto-train, to the same value."""
+    from train.config import TrainConfig
+    from train.setup import router_aux_coef
+
+    trainer, cache = trl_on_cache(moe_dir, tokenizer, tmp_path_factory.mktemp("trl-moe"))
+    assert trainer.aux_loss_enabled and trainer.router_aux_loss_coef == 0.02
+    coef = router_aux_coef(trainer.model, TrainConfig(model="m", cache="c", output="o"))
+    assert coef == 0.02
+    theirs, ours, _, _ = both_losses(trainer, cache, aux_coef=coef)
+    torch.testing.assert_close(ours.double(), theirs.double(), rtol=TRAIN_RTOL,
                                atol=TRAIN_ATOL)
+    without_aux = both_losses(trainer, cache, aux_coef=0.0)[1]
+    assert abs(float(ours - without_aux)) > 1e-4  # the router term is really in the loss
+
+
+def test_router_aux_coef_follows_trl(moe_dir, tiny_dir):
+    """Default from the MoE config; 0 turns it off; an explicit value on a dense model
+    is an error (TRL 1.16 raises there too); a dense model without the flag gets 0."""
+    from transformers import AutoModelForCausalLM
+
+    from shared.errors import ConfigError
+    from train.config import TrainConfig
+    from train.setup import router_aux_coef
+
+    def config(coef):
+        return TrainConfig(model="m", cache="c", output="o", router_aux_loss_coef=coef)
+
+    moe = AutoModelForCausalLM.from_pretrained(moe_dir)
+    dense = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    assert router_aux_coef(moe, config(None)) == 0.02
+    assert router_aux_coef(moe, config(0.0)) == 0.0
+    assert router_aux_coef(moe, config(0.5)) == 0.5
+    assert router_aux_coef(dense, config(None)) == 0.0
+    with pytest.raises(ConfigError, match="not a mixture-of-experts"):
+        router_aux_coef(dense, config(0.01))
+
+
+def test_kto_train_trains_a_moe_policy_and_logs_aux_loss(moe_dir, tmp_path):
+    from train_helpers import build_polite_cache, run_training
+
+    cache = build_polite_cache(moe_dir, tmp_path, range(0, 8), "cache")
+    metrics, _ = run_training(moe_dir, cache, tmp_path / "out", max_steps=2)
+    assert all(m["aux_loss"] > 0 for m in metrics)  # TRL's metric name
+    off, _ = run_training(moe_dir, cache, tmp_path / "off", max_steps=1, router_aux_loss_coef=0.0)
+    assert "aux_loss" not in off[0]
