@@ -233,7 +233,8 @@ def test_accumulation_invariant_without_kl_term(setup, tmp_path):
 
 
 def test_gradient_checkpointing_changes_nothing(setup, tmp_path):
-    a_m, a_w = run_training(setup["policy"], setup["cache"], tmp_path / "a", max_steps=2)
+    a_m, a_w = run_training(setup["policy"], setup["cache"], tmp_path / "a", max_steps=2,
+                            gradient_checkpointing=False)
     b_m, b_w = run_training(setup["policy"], setup["cache"], tmp_path / "b", max_steps=2,
                             gradient_checkpointing=True)
     assert_trajectories_close(a_m, b_m, TRAJECTORY)
@@ -269,3 +270,39 @@ def test_eval_only_scores_a_trained_policy_without_training(setup, tiny_dir, tmp
     [record] = read_metrics(tmp_path / "base")
     assert record["step"] == 0 and abs(record["eval_rewards/margins"]) < 1e-3
     assert not (tmp_path / "base" / "model.safetensors").exists()
+
+
+def fsdp2_launch(args: list[str]) -> subprocess.CompletedProcess:
+    """2 CPU processes (gloo) under accelerate's FSDP2 (fully_shard per decoder layer,
+    full state dict on save), through tests/fsdp_driver.py (see its docstring)."""
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy",
+         "TRANSFORMER_BASED_WRAP", "--fsdp_state_dict_type", "FULL_STATE_DICT",
+         "--fsdp_reshard_after_forward", "true", str(TESTS / "fsdp_driver.py"), *args],
+        capture_output=True, text=True, cwd=TESTS.parent, timeout=600)
+
+
+def test_fsdp2_two_processes_equal_one_and_resume(setup):
+    """TRL's precompute crashes under FSDP2 (trl#6470); kto-train has no reference to
+    shard. Sharded parameters, gradients and optimizer state, the chunked head inside
+    the sharded root's forward, checkpoints and the gathered final save."""
+    common = ["--model", str(setup["policy"]), "--cache", str(setup["cache"]),
+              "--learning-rate", "1e-3", "--logging-steps", "1", "--max-steps", "4"]
+    root = setup["root"]
+    one = CliRunner().invoke(main, [*common, "--per-device-train-batch-size", "4",
+                                    "--output", str(root / "fsdp-one")])
+    assert one.exit_code == 0, one.output
+    two = fsdp2_launch([*common, "--per-device-train-batch-size", "2", "--save-steps", "2",
+                        "--output", str(root / "fsdp-two")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    single, sharded = read_metrics(root / "fsdp-one"), read_metrics(root / "fsdp-two")
+    assert_trajectories_close(sharded, single, (*TRAJECTORY, "count/chosen", "grad_norm"))
+    assert_weights_close(final_weights(root / "fsdp-two"), final_weights(root / "fsdp-one"))
+    resumed = root / "fsdp-resumed"
+    shutil.copytree(root / "fsdp-two" / "checkpoint-2", resumed / "checkpoint-2")
+    again = fsdp2_launch([*common, "--per-device-train-batch-size", "2", "--output",
+                          str(resumed), "--resume-from-checkpoint", "latest"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_weights_close(final_weights(resumed), final_weights(root / "fsdp-two"))
