@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 AIRFLOW_VENV  ?= .venv-airflow
 AIRFLOW_STAMP := $(AIRFLOW_VENV)/.installed
 
-.PHONY: venv airflow-venv test lint demo bench clean-venv
+.PHONY: venv airflow-venv test lint demo bench gpu-carry clean-venv
 
 venv: $(STAMP)
 
@@ -50,6 +50,18 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py --out runs/bench/train
 	$(BIN)/python benchmarks/sweep.py --out runs/bench/sweep --records 12 --backend hf
 	$(BIN)/python benchmarks/scaling.py --out runs/bench/scaling
+
+# What benchmarks/h200.sh needs on the lent H200 (no package index there): the tested vLLM
+# 0.22 bundle from ../shared/gpu and the trl / datasets wheels for its Python 3.12, in the
+# git-ignored .gpu-carry/ (about 50 MiB), to name in the device tool's `carry`.
+GPU_WHEELS := trl==1.16.0 datasets==5.2.0 dill==0.4.0 multiprocess==0.70.18 click==8.1.8
+gpu-carry: $(STAMP)
+	rm -rf .gpu-carry && mkdir -p .gpu-carry/whl
+	cp -r ../shared/gpu/vllm-0.22-bundle .gpu-carry/ && chmod -R u+w .gpu-carry
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+	    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	    --platform manylinux2014_x86_64 -d .gpu-carry/whl $(GPU_WHEELS)
+	du -sh .gpu-carry
 
 clean-venv:
 	rm -rf $(VENV) $(AIRFLOW_VENV)

@@ -63,7 +63,12 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--learning-rate", type=float, default=1e-5)
     ap.add_argument("--max-length", type=int, default=None)
-    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (TRL's default)")
+    ap.add_argument("--torch-dtype", choices=("float32", "bfloat16"), default=None,
+                    help="dtype the model is loaded in; default bfloat16 with --bf16, else "
+                         "float32")
+    ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                    default=True, help="TRL's KTOConfig default: on")
     ap.add_argument("--dump", type=Path, default=None,
                     help="write TRL's reference log-probs (JSON) here after the precompute")
     args = ap.parse_args()
@@ -76,7 +81,7 @@ def main() -> None:
     torch.manual_seed(0)
     dataset = cache_dataset(args.cache)
     tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="left")
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    dtype = getattr(torch, args.torch_dtype or ("bfloat16" if args.bf16 else "float32"))
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     work = tempfile.mkdtemp(prefix="trl-kto-")
     config = KTOConfig(
@@ -84,7 +89,8 @@ def main() -> None:
         beta=args.beta, learning_rate=args.learning_rate, max_length=args.max_length,
         precompute_ref_log_probs=args.mode != "live",
         precompute_ref_batch_size=args.precompute_batch_size,
-        train_sampling_strategy="sequential", bf16=args.bf16, logging_steps=10**9,
+        train_sampling_strategy="sequential", bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing, logging_steps=10**9,
         save_strategy="no", report_to=[], disable_tqdm=True, seed=0,
         use_cpu=not torch.cuda.is_available(), dataloader_drop_last=True)
     t0 = time.monotonic()
@@ -93,7 +99,9 @@ def main() -> None:
     init_seconds = time.monotonic() - t0
     result = {"mode": args.mode, "rows": len(dataset), "init_seconds": round(init_seconds, 3),
               "precompute_seconds": round(PreTokenized.precompute_seconds, 3),
-              "keeps_reference_model": trainer.ref_model is not None}
+              "keeps_reference_model": trainer.ref_model is not None,
+              "settings": {"torch_dtype": str(dtype).removeprefix("torch."), "bf16": args.bf16,
+                           "gradient_checkpointing": args.gradient_checkpointing}}
     if args.dump and args.mode != "live":
         ds = trainer.train_dataset
         args.dump.write_text(json.dumps({"ref_logps": list(ds["ref_logps"]),

@@ -83,6 +83,19 @@ def chunked_token_logps(states: torch.Tensor, head: torch.nn.Module, targets: to
     return torch.cat(parts)
 
 
+# Config fields with which a model's logits are not lm_head(hidden): soft-capping (Gemma 2),
+# scaling (Cohere, Granite, Falcon-H1, ...); the list TRL 1.16's fused head reads.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier",
+                     "lm_head_multiplier", "logits_scaling")
+
+
+def declares_logit_transform(config) -> bool:
+    """Whether the model config declares a transform of its logits after the LM head.
+    Read from the config, not probed, so that it works on sharded (ZeRO-3) weights."""
+    text = config.get_text_config()
+    return any(getattr(text, name, None) not in (None, 1.0) for name in _LOGIT_TRANSFORMS)
+
+
 def plain_head(model: torch.nn.Module) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
     """(decoder body, LM head) when ``model``'s logits equal ``head(body(...))`` on a
     probe sequence; (None, None) otherwise (soft-capping, logit scaling, no such parts)."""

@@ -3,6 +3,7 @@ after kill -9 == uninterrupted, refusals, non-finite loss, metrics."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -272,37 +273,52 @@ def test_eval_only_scores_a_trained_policy_without_training(setup, tiny_dir, tmp
     assert not (tmp_path / "base" / "model.safetensors").exists()
 
 
-def fsdp2_launch(args: list[str]) -> subprocess.CompletedProcess:
-    """2 CPU processes (gloo) under accelerate's FSDP2 (fully_shard per decoder layer,
-    full state dict on save), through tests/fsdp_driver.py (see its docstring)."""
+SHARDED = {  # accelerate launch flags: FSDP2 and DeepSpeed ZeRO-3, as the pipelines' configs
+    "fsdp2": ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy",
+              "TRANSFORMER_BASED_WRAP", "--fsdp_state_dict_type", "FULL_STATE_DICT",
+              "--fsdp_reshard_after_forward", "true"],
+    "zero3": ["--use_deepspeed", "--zero_stage", "3", "--zero3_init_flag", "false",
+              "--zero3_save_16bit_model", "true", "--gradient_clipping", "1.0",
+              "--offload_optimizer_device", "none", "--offload_param_device", "none"],
+}
+
+
+def sharded_launch(kind: str, args: list[str]) -> subprocess.CompletedProcess:
+    """2 CPU processes (gloo) under accelerate's FSDP2 or DeepSpeed ZeRO-3, through
+    tests/sharded_driver.py (see its docstring)."""
     return subprocess.run(
         [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy",
-         "TRANSFORMER_BASED_WRAP", "--fsdp_state_dict_type", "FULL_STATE_DICT",
-         "--fsdp_reshard_after_forward", "true", str(TESTS / "fsdp_driver.py"), *args],
-        capture_output=True, text=True, cwd=TESTS.parent, timeout=600)
+         *SHARDED[kind], str(TESTS / "sharded_driver.py"), *args],
+        capture_output=True, text=True, cwd=TESTS.parent, timeout=600,
+        env={**os.environ, "DS_ACCELERATOR": "cpu"})
 
 
-def test_fsdp2_two_processes_equal_one_and_resume(setup):
-    """TRL's precompute crashes under FSDP2 (trl#6470); kto-train has no reference to
-    shard. Sharded parameters, gradients and optimizer state, the chunked head inside
-    the sharded root's forward, checkpoints and the gathered final save."""
+@pytest.mark.parametrize("kind", ["fsdp2", "zero3"])
+def test_sharded_two_processes_equal_one_and_resume(setup, kind):
+    """Parameters, gradients and optimizer state sharded over 2 processes (TRL's
+    precompute crashes under FSDP2, trl#6470; kto-train has no reference to shard): the
+    chunked head inside the sharded root's forward, checkpoints, the gathered final save.
+    """
+    if kind == "zero3":
+        pytest.importorskip("deepspeed")
     common = ["--model", str(setup["policy"]), "--cache", str(setup["cache"]),
               "--learning-rate", "1e-3", "--logging-steps", "1", "--max-steps", "4"]
     root = setup["root"]
-    one = CliRunner().invoke(main, [*common, "--per-device-train-batch-size", "4",
-                                    "--output", str(root / "fsdp-one")])
-    assert one.exit_code == 0, one.output
-    two = fsdp2_launch([*common, "--per-device-train-batch-size", "2", "--save-steps", "2",
-                        "--output", str(root / "fsdp-two")])
+    single_dir = root / "sharded-one"
+    if not (single_dir / "model.safetensors").is_file():
+        one = CliRunner().invoke(main, [*common, "--per-device-train-batch-size", "4",
+                                        "--output", str(single_dir)])
+        assert one.exit_code == 0, one.output
+    two = sharded_launch(kind, [*common, "--per-device-train-batch-size", "2",
+                                "--save-steps", "2", "--output", str(root / f"{kind}-two")])
     assert two.returncode == 0, two.stderr[-3000:]
-    single, sharded = read_metrics(root / "fsdp-one"), read_metrics(root / "fsdp-two")
+    single, sharded = read_metrics(single_dir), read_metrics(root / f"{kind}-two")
     assert_trajectories_close(sharded, single, (*TRAJECTORY, "count/chosen", "grad_norm"))
-    assert_weights_close(final_weights(root / "fsdp-two"), final_weights(root / "fsdp-one"))
-    resumed = root / "fsdp-resumed"
-    shutil.copytree(root / "fsdp-two" / "checkpoint-2", resumed / "checkpoint-2")
-    again = fsdp2_launch([*common, "--per-device-train-batch-size", "2", "--output",
-                          str(resumed), "--resume-from-checkpoint", "latest"])
+    assert_weights_close(final_weights(root / f"{kind}-two"), final_weights(single_dir))
+    resumed = root / f"{kind}-resumed"
+    shutil.copytree(root / f"{kind}-two" / "checkpoint-2", resumed / "checkpoint-2")
+    again = sharded_launch(kind, [*common, "--per-device-train-batch-size", "2", "--output",
+                                  str(resumed), "--resume-from-checkpoint", "latest"])
     assert again.returncode == 0, again.stderr[-3000:]
-    assert_weights_close(final_weights(resumed), final_weights(root / "fsdp-two"))
+    assert_weights_close(final_weights(resumed), final_weights(root / f"{kind}-two"))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.logprobs import chunk_rows, chunked_token_logps, plain_head, token_logps
+from shared.logprobs import chunk_rows, chunked_token_logps, declares_logit_transform, token_logps
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,8 @@ class HeadOutput:
 
 def add_chunked_head(model: torch.nn.Module) -> None:
     """Patch ``model.forward`` (call before wrapping with peft or accelerate)."""
-    _, head = plain_head(model)
-    if head is None:
+    plain = not declares_logit_transform(model.config)
+    if not plain:
         log.warning("%s's logits are not a plain LM head (soft-capping or scaling): kto-train "
                     "falls back to the model's full logits, [batch, positions, vocabulary]",
                     type(model).__name__)
@@ -48,7 +48,7 @@ def add_chunked_head(model: torch.nn.Module) -> None:
     def forward(self, *args, score_mask=None, seq_index=None, num_seqs=None, **kwargs):
         if score_mask is None:
             return original(*args, **kwargs)
-        logps_fn = _chunked_logps if head is not None else _full_logits_logps
+        logps_fn = _chunked_logps if plain else _full_logits_logps
         return completion_logps(self, logps_fn, original, score_mask, seq_index, num_seqs,
                                 rows, **kwargs)
 

@@ -41,6 +41,19 @@ def make_accelerator(config: TrainConfig, out: Path):
     return acc
 
 
+def configure_deepspeed(accelerator, config: TrainConfig) -> None:
+    """DeepSpeed sizes its engine from a DataLoader's batch size, which kto-train does not
+    use (it slices the epoch order itself): give it the micro-batch and accumulation."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = config.per_device_train_batch_size
+    ds["gradient_accumulation_steps"] = config.gradient_accumulation_steps
+    ds["train_batch_size"] = (config.per_device_train_batch_size
+                              * config.gradient_accumulation_steps * accelerator.num_processes)
+
+
 def load_tokenizer(config: TrainConfig):
     from transformers import AutoTokenizer
 

@@ -30,6 +30,7 @@ from train.setup import (
     build_optimizer,
     build_scheduler,
     class_balance_warning,
+    configure_deepspeed,
     load_policy,
     load_tokenizer,
     make_accelerator,
@@ -98,9 +99,11 @@ class Trainer:
                  c.torch_dtype, model.config._attn_implementation,
                  "packed" if self.pack else "padded", "on" if c.gradient_checkpointing else "off",
                  f", router aux loss x {self.aux_coef}" if self.aux_coef else "")
+        configure_deepspeed(self.accelerator, c)
         optimizer = build_optimizer(model, c)
-        self.scheduler = build_scheduler(optimizer, c, self.total_steps)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        # on the prepared optimizer: DeepSpeed regroups the parameters it partitions
+        self.scheduler = build_scheduler(self.optimizer, c, self.total_steps)
         self.accelerator.register_for_checkpointing(self.scheduler)
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.checkpoints = Checkpointer(self.accelerator, self.out, c.save_total_limit)

@@ -149,6 +149,14 @@ def completion_logps(hidden: torch.Tensor, head: torch.nn.Module, ids: torch.Ten
                      clen: torch.Tensor, rows_per_chunk: int) -> torch.Tensor:
     """Per-row float64 sums of completion-token log-probs from left-padded hidden states
     [B, T, H]: only the sum(clen) real completion positions go through the head."""
+    lp, rows = completion_token_logps(hidden, head, ids, clen, rows_per_chunk)
+    out = torch.zeros(ids.shape[0], dtype=torch.float64, device=ids.device)
+    return out.index_add_(0, rows, lp.double())
+
+
+def completion_token_logps(hidden: torch.Tensor, head: torch.nn.Module, ids: torch.Tensor,
+                           clen: torch.Tensor, rows_per_chunk: int) -> tuple[torch.Tensor, ...]:
+    """(float32 log-prob of every completion token, its row), row by row in order."""
     b, t = ids.shape
     # target column j (1..T-1) is in row r's completion when j >= T - clen[r]; the hidden
     # state at column j - 1 predicts it
@@ -156,5 +164,4 @@ def completion_logps(hidden: torch.Tensor, head: torch.nn.Module, ids: torch.Ten
     targets = ids[:, 1:][is_target]
     states = hidden[:, :-1][is_target]
     rows = torch.arange(b, device=ids.device)[:, None].expand(b, t - 1)[is_target]
-    lp = chunked_token_logps(states, head, targets, rows_per_chunk)
-    return torch.zeros(b, dtype=torch.float64, device=ids.device).index_add_(0, rows, lp.double())
+    return chunked_token_logps(states, head, targets, rows_per_chunk), rows

@@ -1,0 +1,318 @@
+"""The GPU tables (issues 9 and 10), one command each, sized for about 8 minutes on one
+H200 with the 0.5B Qwen2 shape and both real demo files (900 rows, <= 1024 tokens):
+
+    python benchmarks/gpu_tables.py scoring   --out runs/gpu/scoring    # vLLM, hf, TRL
+    python benchmarks/gpu_tables.py train     --out runs/gpu/train      # kto-train vs TRL
+    python benchmarks/gpu_tables.py agreement --out runs/gpu/agreement  # vs float64 oracle
+
+Every tool runs in its own process, as a user would run it. Recorded for each run: its
+dtype and gradient-checkpointing settings, the torch allocator's peak (the tools' own
+`torch.cuda.max_memory_allocated`), the device memory in use (nvidia-smi: vLLM's engine
+process too) and the host RSS of the process tree. The FLOP limit is a bf16 GEMM on the
+GPU of the run. `--tiny` runs everything on a 2-layer Qwen2 and a data slice: a dry run
+that fits a CPU (its numbers mean nothing)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import SHARED_DATA, checked, command_line, data_slice, measure, table, versions  # noqa: E402,I001
+from gpu import DeviceMemory, build_qwen2, device_gemm_peak, flops_per_token, on_gpu  # noqa: E402
+
+TINY = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "intermediate_size": 128, "vocab_size": 8192}
+BENCH = Path(__file__).resolve().parent
+
+
+def setup(args, peak: bool = True) -> tuple[Path, list[str], dict]:
+    """Model, data and machine facts; ``peak=False`` skips the GEMM, which would start
+    CUDA in this process (the agreement table starts vLLM engines here first)."""
+    name = "qwen2-tiny" if args.tiny else "qwen2-0.5b"
+    model = build_qwen2(args.out.parent / f"model-{name}", TINY if args.tiny else None)
+    data = (data_slice(args.out / "data", 12) if args.tiny else
+            [str(SHARED_DATA / "kto_en_demo.json"), str(SHARED_DATA / "dpo_en_demo.json")])
+    info = {"gpu": _gpu_name(), "versions": versions(), "model": name,
+            **flops_per_token(model),
+            "gemm_peak_tflops_bfloat16": (round(device_gemm_peak("bfloat16") / 1e12, 2)
+                                          if peak else None)}
+    return model, data, info
+
+
+def _gpu_name() -> str | None:
+
+    # NVML, not torch.cuda: this process may still start a vLLM engine
+    names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                           capture_output=True, text=True) if shutil.which("nvidia-smi") else None
+    return names.stdout.strip().splitlines()[0] if names and names.returncode == 0 else None
+
+
+def run(cmd: list[str], what: str) -> tuple[dict, float, float, float | None]:
+    """(last JSON object printed, wall seconds, peak host RSS GiB, device GiB)."""
+    with DeviceMemory() as mem:
+        m = checked(measure(cmd), what)
+    out = m.stdout
+    summary = json.loads(out[out.rindex("\n{") + 1:] if "\n{" in out else out[out.index("{"):])
+    return summary, round(m.seconds, 1), round(m.peak_rss_gib, 2), mem.gib
+
+
+def precompute(model: Path, data: list[str], out: Path, backend: str, dtype: str,
+               max_length: int) -> dict:
+    cmd = [sys.executable, "-m", "precompute.cli", "--model", str(model), "--output", str(out),
+           "--backend", backend, "--dtype", dtype, "--max-length", str(max_length),
+           "--max-prompt-length", str(max_length // 2),
+           "--overwrite", *[a for d in data for a in ("--data", d)]]
+    s, wall, rss, dev = run(cmd, f"kto-precompute --backend {backend}")
+    return {"tokens": s["tokens_scored_now"], "seconds": s["scoring_seconds"], "wall": wall,
+            "rss_gib": rss, "device_gib": dev, "torch_peak_gib": s.get("peak_gpu_memory_gib"),
+            "dtype": dtype}
+
+
+def trl_precompute(model: Path, cache: Path, tokens: int, batch: int, dtype: str) -> dict:
+    cmd = [sys.executable, str(BENCH / "trl_kto.py"), "--model", str(model), "--cache",
+           str(cache), "--mode", "precompute-only", "--batch-size", str(batch),
+           "--precompute-batch-size", str(batch)]
+    cmd += ["--bf16"] if dtype == "bfloat16" else []
+    s, wall, rss, dev = run(cmd, "TRL precompute")
+    return {"tokens": tokens, "seconds": s["precompute_seconds"], "wall": wall, "rss_gib": rss,
+            "device_gib": dev, "torch_peak_gib": s.get("cuda_peak_gib"),
+            "dtype": s["settings"]["torch_dtype"]}
+
+
+def scoring(args) -> None:
+    model, data, info = setup(args)
+    limit = info["gemm_peak_tflops_bfloat16"] * 1e12 / info["flops_per_token"]
+    runs = {b: precompute(model, data, args.out / f"cache-{b}", b, args.dtype, args.max_length)
+            for b in ("vllm", "hf")}
+    runs["trl"] = trl_precompute(model, args.out / "cache-hf", runs["hf"]["tokens"],
+                                 args.trl_batch_size, args.dtype)
+    names = {"vllm": "kto-precompute, vLLM", "hf": "kto-precompute, transformers (auto batch)",
+             "trl": f"TRL 1.16 precompute (batch {args.trl_batch_size})"}
+    trl_rate = runs["trl"]["tokens"] / runs["trl"]["seconds"]
+    rows = []
+    for b, r in runs.items():
+        rate = r["tokens"] / r["seconds"]
+        rows.append([names[b], r["dtype"], f"{rate:,.0f}", f"{rate / trl_rate:.2f}x",
+                     f"{100 * rate / limit:.0f}%", r["wall"], _gib(r["torch_peak_gib"]),
+                     _gib(r["device_gib"]), r["rss_gib"]])
+    md = (f"`{command_line()}`: {info['model']} ({info['total'] / 1e6:.0f}M parameters), "
+          f"{runs['hf']['tokens']:,} tokens scored per run, GPU {info['gpu']}, FLOP limit "
+          f"{info['gemm_peak_tflops_bfloat16']} TFLOP/s (bf16 GEMM here) / "
+          f"{info['flops_per_token'] / 1e9:.2f} GFLOP per token = {limit:,.0f} tokens/s.\n\n")
+    md += table(["scorer", "dtype", "tokens/s", "vs TRL", "of FLOP limit", "wall s",
+                 "torch peak GiB", "device GiB (nvidia-smi)", "host RSS GiB"], rows)
+    write(args, "scoring", {"info": info, "runs": runs}, md)
+
+
+def _gib(value) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def write(args, name: str, result: dict, md: str) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"command": command_line(), "args": {k: str(v) for k, v in vars(args).items()},
+              **result}
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    (args.out / f"{name}.md").write_text(md)
+    print(md)
+
+
+# (label, torch dtype of the weights, gradient checkpointing); bf16 autocast in all, as
+# TRL's KTOConfig defaults to it
+SETTINGS = (("TRL's defaults (checkpointing on, fp32 weights)", "float32", True),
+            ("identical, no checkpointing", "float32", False),
+            ("bf16 weights, checkpointing on", "bfloat16", True))
+TRAINERS = ("kto-train", "trl-live", "trl-precompute")
+
+
+def train_cache(model: Path, data: list[str], args) -> Path:
+    cache = args.out / "cache"
+    if not (cache / "manifest.json").is_file():
+        precompute(model, data, cache, "hf", "bfloat16", args.max_length)
+    return cache
+
+
+def kto_train_run(model: Path, cache: Path, out: Path, dtype: str, gc: bool, args,
+                  extra: tuple[str, ...] = ()) -> dict:
+    cmd = [sys.executable, "-m", "train.cli", "--model", str(model), "--cache", str(cache),
+           "--output", str(out), "--max-steps", str(args.steps), "--per-device-train-batch-size",
+           str(args.batch_size), "--learning-rate", str(args.learning_rate), "--logging-steps",
+           str(args.steps), "--seed", "0", "--bf16", "--torch-dtype", dtype,
+           "--gradient-checkpointing" if gc else "--no-gradient-checkpointing", *extra]
+    s, wall, rss, dev = run(cmd, "kto-train")
+    return {"s_per_step": s["train_seconds"] / s["steps_run"], "torch_peak_gib":
+            s.get("peak_memory_gib"), "device_gib": dev, "rss_gib": rss, "wall": wall}
+
+
+def trl_run(model: Path, cache: Path, mode: str, dtype: str, gc: bool, args) -> dict:
+    cmd = [sys.executable, str(BENCH / "trl_kto.py"), "--model", str(model), "--cache",
+           str(cache), "--mode", mode, "--batch-size", str(args.batch_size), "--max-steps",
+           str(args.steps), "--learning-rate", str(args.learning_rate), "--bf16",
+           "--torch-dtype", dtype, "--gradient-checkpointing" if gc else
+           "--no-gradient-checkpointing"]
+    s, wall, rss, dev = run(cmd, f"TRL {mode}")
+    return {"s_per_step": s["seconds_per_step"], "torch_peak_gib": s.get("cuda_peak_gib"),
+            "device_gib": dev, "rss_gib": rss, "wall": wall,
+            "precompute_seconds": s["precompute_seconds"]}
+
+
+def train(args) -> None:
+    model, data, info = setup(args)
+    cache = train_cache(model, data, args)
+    runs = []
+    for label, dtype, gc in SETTINGS:
+        for trainer in TRAINERS:
+            out = args.out / f"{trainer}-{dtype}-{'gc' if gc else 'nogc'}"
+            r = (kto_train_run(model, cache, out, dtype, gc, args) if trainer == "kto-train"
+                 else trl_run(model, cache, trainer.removeprefix("trl-"), dtype, gc, args))
+            runs.append({"setting": label, "trainer": trainer, "torch_dtype": dtype,
+                         "gradient_checkpointing": gc, "bf16_autocast": True, **r})
+            print(json.dumps(runs[-1]), flush=True)
+    if args.packed:  # padding-free with flex attention, TRL's defaults otherwise
+        r = kto_train_run(model, cache, args.out / "kto-train-packed", "float32", True, args,
+                          ("--attn-implementation", "flex_attention", "--padding-free"))
+        runs.append({"setting": SETTINGS[0][0], "trainer": "kto-train, packed (flex)",
+                     "torch_dtype": "float32", "gradient_checkpointing": True,
+                     "bf16_autocast": True, **r})
+    write(args, "train", {"info": info, "runs": runs}, train_table(runs, info, args))
+
+
+def train_table(runs: list[dict], info: dict, args) -> str:
+    live = {r["setting"]: r for r in runs if r["trainer"] == "trl-live"}
+    rows = []
+    for r in runs:
+        ref = live.get(r["setting"])
+        rows.append([r["setting"], r["trainer"], r["torch_dtype"],
+                     "on" if r["gradient_checkpointing"] else "off", f"{r['s_per_step']:.3f}",
+                     f"{r['s_per_step'] / ref['s_per_step']:.2f}x" if ref else "",
+                     _gib(r["torch_peak_gib"]), _gib(r["device_gib"]), r["rss_gib"]])
+    md = (f"`{command_line()}`: {info['model']} ({info['total'] / 1e6:.0f}M parameters), GPU "
+          f"{info['gpu']}, batch {args.batch_size}, {args.steps} steps, learning rate "
+          f"{args.learning_rate}, bf16 autocast in every run, both real demo files (<= "
+          f"{args.max_length} tokens). TRL's reference weights: "
+          f"{info['total'] * 4 / 2**30:.2f} GiB in float32.\n\n")
+    return md + table(["setting", "trainer", "weights", "checkpointing", "s/step",
+                       "vs TRL live", "torch peak GiB", "device GiB (nvidia-smi)",
+                       "host RSS GiB"], rows)
+
+
+def agreement(args) -> None:
+    """Per sequence and per token, on a sample of rows: vLLM and hf, float32 and bf16,
+    against the naive oracle (one sequence at a time, float64 log-softmax). vLLM runs
+    first: its engine must start before this process touches CUDA."""
+    import numpy as np
+
+    model, data, info = setup(args, peak=False)
+    cache = args.out / "cache-hf-float32"
+    precompute(model, data, cache, "hf", "float32", args.max_length)
+    pairs = sample_pairs(cache, args.sample)
+    tokens = {f"vllm {d}": vllm_tokens(model, d, pairs, args.max_length)
+              for d in ("float32", "bfloat16")}
+    tokens |= {f"hf {d}": hf_tokens(model, d, pairs) for d in ("float32", "bfloat16")}
+    naive = naive_tokens(model, pairs)
+    rows, result = [], {}
+    for name, values in tokens.items():
+        seq = np.array([abs(v.sum() - n.sum()) for v, n in zip(values, naive, strict=True)])
+        tok = np.concatenate([np.abs(v - n) for v, n in zip(values, naive, strict=True)])
+        result[name] = {"sequence_max": float(seq.max()), "sequence_mean": float(seq.mean()),
+                        "token_max": float(tok.max()), "token_mean": float(tok.mean())}
+        rows.append([name, f"{seq.max():.2e}", f"{seq.mean():.2e}", f"{tok.max():.2e}",
+                     f"{tok.mean():.2e}"])
+    n_tok = sum(len(n) for n in naive)
+    md = (f"`{command_line()}`: {info['model']}, GPU {info['gpu']}, {len(pairs)} rows of both "
+          f"real demo files ({n_tok} completion tokens), |value - naive float64 oracle| in "
+          "nats.\n\n")
+    md += table(["scorer", "per sequence max", "per sequence mean", "per token max",
+                 "per token mean"], rows)
+    write(args, "agreement", {"info": info, "results": result}, md)
+
+
+def sample_pairs(cache: Path, n: int) -> list[tuple[list[int], list[int]]]:
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    manifest = json.loads((cache / "manifest.json").read_text())
+    rows = [r for s in manifest["shards"] for r in
+            pq.read_table(cache / s["name"], columns=["prompt_ids", "completion_ids"]).to_pylist()]
+    idx = np.linspace(0, len(rows) - 1, min(n, len(rows))).astype(int)
+    return [(rows[i]["prompt_ids"], rows[i]["completion_ids"]) for i in idx]
+
+
+def vllm_tokens(model: Path, dtype: str, pairs, max_length: int) -> list:
+    import numpy as np
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from precompute.scoring.vllm_backend import VLLMScorer
+
+    scorer = VLLMScorer(str(model), dtype, max_model_len=max_length + 1, tensor_parallel_size=1,
+                        gpu_memory_utilization=0.5, cpu_kv_cache_gib=1, seed=0)
+    try:
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False,
+                                **({"flat_logprobs": True} if scorer.flat else {}))
+        outs = scorer.llm.generate([TokensPrompt(prompt_token_ids=[*p, *c]) for p, c in pairs],
+                                   params, use_tqdm=False)
+    finally:
+        scorer.close()
+    return [np.array([o.prompt_logprobs[len(p) + i][t].logprob for i, t in enumerate(c)])
+            for o, (p, c) in zip(outs, pairs, strict=True)]
+
+
+def hf_tokens(model: Path, dtype: str, pairs) -> list:
+    """The hf scorer's own batched path (left padding, chunked head), per token."""
+    import torch
+
+    from precompute.scoring.hf import HFScorer, completion_token_logps, left_pad
+
+    scorer = HFScorer(str(model), dtype, batch_tokens=None)
+    with torch.inference_mode():
+        ids, mask, pos, clen = (t.to(scorer.device) for t in left_pad(pairs, scorer.pad_id))
+        hidden = scorer.body(input_ids=ids, attention_mask=mask,
+                             position_ids=pos).last_hidden_state
+        lp, rows = completion_token_logps(hidden, scorer.head, ids, clen, scorer.head_rows)
+    lp, rows = lp.double().cpu().numpy(), rows.cpu().numpy()
+    return [lp[rows == r] for r in range(len(pairs))]
+
+
+def naive_tokens(model: Path, pairs) -> list:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if on_gpu() else "cpu"
+    ref = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(device).eval()
+    out = []
+    with torch.inference_mode():
+        for p, c in pairs:
+            ids = torch.tensor([[*p, *c]], device=device)
+            logp = torch.log_softmax(ref(input_ids=ids).logits[0].double(), dim=-1)
+            target = ids[0, len(p):]
+            out.append(logp[len(p) - 1:-1].gather(-1, target[:, None])[:, 0].cpu().numpy())
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("table", choices=("scoring", "train", "agreement"))
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--tiny", action="store_true", help="2-layer model, data slice (dry run)")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="scoring dtype")
+    ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--trl-batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=8, help="training batch")
+    ap.add_argument("--steps", type=int, default=30, help="training steps per run")
+    ap.add_argument("--learning-rate", type=float, default=1e-6)
+    ap.add_argument("--packed", action="store_true",
+                    help="also kto-train padding-free with flex attention")
+    ap.add_argument("--sample", type=int, default=48, help="agreement: rows compared")
+    args = ap.parse_args()
+    {"scoring": scoring, "train": train, "agreement": agreement}[args.table](args)
+
+
+if __name__ == "__main__":
+    main()
