@@ -27,15 +27,21 @@ from gpu import DeviceMemory, build_qwen2, device_gemm_peak, flops_per_token, on
 
 TINY = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2,
         "num_key_value_heads": 1, "intermediate_size": 128, "vocab_size": 8192}
+# The CPU redo of the training table: Qwen2-0.5B's 151936-entry vocabulary (whose logits
+# are what the chunked head saves) on a body a 2-core machine can train in minutes
+CPU_151K = {"num_hidden_layers": 4, "hidden_size": 512, "num_attention_heads": 8,
+            "num_key_value_heads": 2, "intermediate_size": 2048, "vocab_size": 151936}
+SHAPES = {"qwen2-0.5b": None, "cpu-151k": CPU_151K, "tiny": TINY}
 BENCH = Path(__file__).resolve().parent
 
 
 def setup(args, peak: bool = True) -> tuple[Path, list[str], dict]:
     """Model, data and machine facts; ``peak=False`` skips the GEMM, which would start
     CUDA in this process (the agreement table starts vLLM engines here first)."""
-    name = "qwen2-tiny" if args.tiny else "qwen2-0.5b"
-    model = build_qwen2(args.out.parent / f"model-{name}", TINY if args.tiny else None)
-    data = (data_slice(args.out / "data", 12) if args.tiny else
+    name = "tiny" if args.tiny else args.shape
+    model = build_qwen2(args.out.parent / f"model-qwen2-{name}", SHAPES[name])
+    records = 12 if args.tiny and not args.records else args.records
+    data = (data_slice(args.out / "data", records) if records else
             [str(SHARED_DATA / "kto_en_demo.json"), str(SHARED_DATA / "dpo_en_demo.json")])
     info = {"gpu": _gpu_name(), "versions": versions(), "model": name,
             **flops_per_token(model),
@@ -191,10 +197,11 @@ def train_table(runs: list[dict], info: dict, args) -> str:
                      "on" if r["gradient_checkpointing"] else "off", f"{r['s_per_step']:.3f}",
                      f"{r['s_per_step'] / ref['s_per_step']:.2f}x" if ref else "",
                      _gib(r["torch_peak_gib"]), _gib(r["device_gib"]), r["rss_gib"]])
+    data = f"first {args.records} records of" if args.records else "all 900 rows of"
     md = (f"`{command_line()}`: {info['model']} ({info['total'] / 1e6:.0f}M parameters), GPU "
           f"{info['gpu']}, batch {args.batch_size}, {args.steps} steps, learning rate "
-          f"{args.learning_rate}, bf16 autocast in every run, both real demo files (<= "
-          f"{args.max_length} tokens). TRL's reference weights: "
+          f"{args.learning_rate}, bf16 autocast in every run, {data} both real demo files "
+          f"(<= {args.max_length} tokens). TRL's reference weights: "
           f"{info['total'] * 4 / 2**30:.2f} GiB in float32.\n\n")
     return md + table(["setting", "trainer", "weights", "checkpointing", "s/step",
                        "vs TRL live", "torch peak GiB", "device GiB (nvidia-smi)",
@@ -299,7 +306,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("table", choices=("scoring", "train", "agreement"))
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--tiny", action="store_true", help="2-layer model, data slice (dry run)")
+    ap.add_argument("--shape", choices=tuple(SHAPES), default="qwen2-0.5b",
+                    help="random Qwen2: the 0.5B shape (GPU), 4x512 with the 151936 "
+                         "vocabulary (CPU table), or tiny")
+    ap.add_argument("--tiny", action="store_true", help="--shape tiny, 12 records (dry run)")
+    ap.add_argument("--records", type=int, default=0,
+                    help="first N records of each demo file (0 = all: 900 rows)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                     help="scoring dtype")
     ap.add_argument("--max-length", type=int, default=1024)

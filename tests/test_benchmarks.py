@@ -49,8 +49,23 @@ def test_spread_and_fmt():
     assert fmt(s, 1) == "2.5 (1.0-10.0)"
 
 
+def test_gpu_tables_count_the_qwen2_they_build(tmp_path):
+    """The GPU tables' FLOPs per token: 2 x (parameters - embedding + the tied head)."""
+    from gpu import build_qwen2, flops_per_token
+    from gpu_tables import TINY
+    from transformers import AutoModelForCausalLM
+
+    model_dir = build_qwen2(tmp_path / "qwen2", TINY)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    total = sum(p.numel() for p in model.parameters())
+    embed = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight is embed  # tied, as Qwen2-0.5B
+    assert flops_per_token(model_dir) == {"total": total, "flops_per_token": 2 * total}
+
+
 @pytest.mark.parametrize("script", ["scoring.py", "train_step.py", "sweep.py", "scaling.py",
-                                    "backends.py", "trl_kto.py", "padding.py"])
+                                    "backends.py", "trl_kto.py", "padding.py",
+                                    "gpu_tables.py"])
 def test_benchmark_script_parses_its_arguments(script):
     out = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True,
                          text=True)
