@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from precompute.config import BACKENDS, DTYPES, PrecomputeConfig
-from shared.cli import DefaultGroup, config_option, setup_logging, user_errors
+from shared.cli import DefaultGroup, config_option, setup_logging, summary_stdout, user_errors
 from shared.formats import SHAPES
 from shared.tokenization import TRUNCATION_MODES, TokenizeOptions
 
@@ -97,8 +97,9 @@ def run_command(max_length: int, max_prompt_length: int, truncation_mode: str, d
     config = PrecomputeConfig(
         data=tuple(data), format=format_,
         tokenize=TokenizeOptions(max_length, max_prompt_length, truncation_mode), **options)
-    summary = run(config)
-    click.echo(json.dumps(summary, indent=2))
+    with summary_stdout() as stdout:
+        summary = run(config)
+    click.echo(json.dumps(summary, indent=2), file=stdout)
 
 
 @main.command("combine")

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import click
 
@@ -19,6 +20,17 @@ def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
+
+
+
+@contextlib.contextmanager
+def summary_stdout() -> Iterator[TextIO]:
+    """Standard output is for the JSON summary that pipelines parse: while the command
+    runs, whatever libraries print there goes to standard error instead (deepspeed, for
+    one, logs to stdout on import). Yields the real stdout, for the summary."""
+    real = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        yield real
 
 
 def load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:

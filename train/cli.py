@@ -9,7 +9,7 @@ import logging
 
 import click
 
-from shared.cli import config_param, setup_logging, user_errors
+from shared.cli import config_param, setup_logging, summary_stdout, user_errors
 from train.config import OPTIMIZERS, REPORT_TO, SCHEDULERS, TORCH_DTYPES, TrainConfig
 from train.loss import LOSS_TYPES
 
@@ -79,18 +79,18 @@ def _run(verbose: bool, **options) -> None:
     setup_logging(verbose)
     from train.trainer import Trainer
 
-    trainer = Trainer(TrainConfig(**options))
-    trainer.setup()
-    try:
-        final = trainer.train()
-        if not trainer.config.eval_only:
-            trainer.save()
-    finally:
-        trainer.cleanup()
+    with summary_stdout() as stdout:
+        trainer = Trainer(TrainConfig(**options))
+        trainer.setup()
+        try:
+            final = trainer.train()
+            if not trainer.config.eval_only:
+                trainer.save()
+        finally:
+            trainer.cleanup()
     if trainer.accelerator.is_main_process:
-        click.echo(json.dumps({"output": str(trainer.out), **final,
-                               **trainer.timing},
-                              indent=2))
+        click.echo(json.dumps({"output": str(trainer.out), **final, **trainer.timing},
+                              indent=2), file=stdout)
 
 
 main = click.Command(
