@@ -131,7 +131,7 @@ fingerprint `{m['reference_model']['fingerprint']}`
 import datasets
 ds = datasets.load_dataset("PATH_OR_REPO_ID", split="train")  # the shards; no checksum check
 
-from shared.dataset import load_cache_dataset, open_cache  # pip install kto-cache
+from shared.dataset import load_cache_dataset, open_cache  # the kto-cache package
 ds = load_cache_dataset("CACHE_DIR")   # checks every shard's SHA-256 against manifest.json
 table = open_cache("CACHE_DIR").table  # the same rows as a memory-mapped pyarrow.Table
 ```

@@ -156,3 +156,13 @@ def test_a_readme_that_is_not_a_card_is_left_alone(tiny_dir, tmp_path):
     build_cache(tiny_dir, [data], out)
     build_cache(tiny_dir, [data], out, seed=3, overwrite=True)
     assert (out / CARD).read_text() == "# My project\n"
+
+
+def test_combine_adds_a_card_to_a_cache_from_before_cards(hf_real_caches, tmp_path):
+    cache = tmp_path / "old"
+    shutil.copytree(hf_real_caches / "kto", cache)
+    (cache / CARD).unlink()
+    result = CliRunner().invoke(main, ["combine", str(cache)])
+    assert result.exit_code == 0, result.output
+    assert (cache / CARD).read_text() == card_text(read_manifest(cache))
+    assert load_folder(cache, tmp_path).num_rows == 300
