@@ -34,8 +34,8 @@ COLUMN_MEANINGS = {
     "completion_ids": "completion tokens after truncation (ends with EOS unless cut)",
     "kl_completion_ids": "the KL partner's completion, cut to fit after this prompt",
     "kl_partner": "`id` of the KL partner row (same shard)",
-    "ref_logps": "reference log p(completion | prompt), summed over completion tokens",
-    "ref_kl_logps": "reference log p(kl_completion | prompt)",
+    "ref_logps": "reference log-prob of the completion after the prompt, summed over its tokens",
+    "ref_kl_logps": "reference log-prob of the KL completion after the prompt",
 }
 _SIZES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
           (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"))
@@ -84,16 +84,7 @@ def card_text(manifest: dict[str, Any]) -> str:
     return f"---\n{header}---\n\n{_prose(manifest)}"
 
 
-def _prose(m: dict[str, Any]) -> str:
-    c, p = m["counts"], m["preprocessing"]
-    columns = "\n".join(f"| `{f.name}` | {_type_name(f.type)} | {COLUMN_MEANINGS[f.name]} |"
-                        for f in SCHEMA)
-    invalid = "".join(f"\n- {reason}: {n}" for reason, n in c["invalid_by_reason"].items())
-    options = ", ".join(f"`{k}={v}`" for k, v in p.items() if k != "format_version")
-    return f"""{_MARK}
-
-# KTO reference cache: {_model_name(m)}
-
+_INTRO = """\
 Reference log-probabilities for KTO training, written by `kto-precompute` (kto-cache). One
 row per KTO example: a prompt, a completion, a label (desirable or not), the reference
 model's log-probability of the completion and of a mismatched "KL" completion (another row's
@@ -102,30 +93,9 @@ memory. Token ids are those of the tokenizer below: a policy must use the same t
 
 This card is generated from `manifest.json`, which holds the full record (fingerprints,
 options, counts, every shard's SHA-256); `kto-precompute` and `kto-precompute combine`
-rewrite it.
+rewrite it."""
 
-## Contents
-
-```text
-{describe_cache(m)}
-```
-
-- reference model: `{m['reference_model']['path']}`, {m['reference_model']['dtype']}, \
-fingerprint `{m['reference_model']['fingerprint']}`
-- tokenizer fingerprint: `{m['tokenizer']['fingerprint']}`
-- options: {options}
-- rows: {c['rows']} ({c['desirable']} desirable, {c['undesirable']} undesirable) from \
-{c['records']} input records; invalid records: {c['invalid']}{invalid}
-- shards: {m['num_shards']} (`{shard_pattern(m['num_shards'])}`), {m['tokens']} tokens scored
-- cache key: `{m['cache_key']}`
-
-## Columns
-
-| column | type | meaning |
-| --- | --- | --- |
-{columns}
-
-## Use
+_USE = """## Use
 
 ```python
 import datasets
@@ -146,6 +116,31 @@ kto-train --model POLICY --cache CACHE_DIR --output OUT  # train a policy from i
 Derived from the input data and the reference model named above: their licenses apply.
 Set `license` in the header to match them before publishing.
 """
+
+
+def _prose(m: dict[str, Any]) -> str:
+    columns = "\n".join(f"| `{f.name}` | {_type_name(f.type)} | {COLUMN_MEANINGS[f.name]} |"
+                        for f in SCHEMA)
+    return (f"{_MARK}\n\n# KTO reference cache: {_model_name(m)}\n\n{_INTRO}\n\n"
+            f"## Contents\n\n```text\n{describe_cache(m)}\n```\n\n{_contents(m)}\n\n"
+            "## Columns\n\n| column | type | meaning |\n| --- | --- | --- |\n"
+            f"{columns}\n\n{_USE}")
+
+
+def _contents(m: dict[str, Any]) -> str:
+    c, p, model = m["counts"], m["preprocessing"], m["reference_model"]
+    invalid = "".join(f"\n- {reason}: {n}" for reason, n in c["invalid_by_reason"].items())
+    options = ", ".join(f"`{k}={v}`" for k, v in p.items() if k != "format_version")
+    return "\n".join([
+        f"- reference model: `{model['path']}`, {model['dtype']}, fingerprint "
+        f"`{model['fingerprint']}`",
+        f"- tokenizer fingerprint: `{m['tokenizer']['fingerprint']}`",
+        f"- options: {options}",
+        f"- rows: {c['rows']} ({c['desirable']} desirable, {c['undesirable']} undesirable) "
+        f"from {c['records']} input records; invalid records: {c['invalid']}{invalid}",
+        f"- shards: {m['num_shards']} (`{shard_pattern(m['num_shards'])}`), {m['tokens']} "
+        "tokens scored",
+        f"- cache key: `{m['cache_key']}`"])
 
 
 def _type_name(t: pa.DataType) -> str:
