@@ -25,9 +25,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import read_cache  # noqa: E402
 from helpers import naive_logps  # noqa: E402
 from tiny import SHARED_DATA, save_tiny  # noqa: E402
+
+from shared.dataset import open_cache  # noqa: E402
 
 
 def precompute(model: Path, data: list[str], out: Path, backend: str, args) -> dict:
@@ -64,7 +65,7 @@ def main() -> None:
     model = save_tiny(args.out / "model", layers=args.layers, hidden=args.hidden,
                       vocab_size=args.vocab)
     runs = {b: precompute(model, data, args.out / f"cache-{b}", b, args) for b in ("hf", "vllm")}
-    hf, vl = read_cache(args.out / "cache-hf")[1], read_cache(args.out / "cache-vllm")[1]
+    hf, vl = open_cache(args.out / "cache-hf").table, open_cache(args.out / "cache-vllm").table
     result = {"machine": platform.processor() or platform.machine(), "args": vars(args) | {
         "out": str(args.out)}, "runs": runs, "agreement": {}}
     for col in ("ref_logps", "ref_kl_logps"):

@@ -15,16 +15,15 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-from conftest import read_cache  # noqa: E402
-
+sys.path.insert(0, str(ROOT))
 from precompute.scoring.hf import token_budget_batches  # noqa: E402
+from shared.dataset import open_cache  # noqa: E402
 
 
 def cache_pairs(cache: Path) -> list[tuple[list[int], list[int]]]:
     """Every (prompt, completion) the scorer sees: targets, then KL sequences."""
-    t = read_cache(cache)[1].select(["prompt_ids", "completion_ids", "kl_completion_ids"])
-    t = t.to_pydict()
+    t = open_cache(cache, columns=["prompt_ids", "completion_ids", "kl_completion_ids"])
+    t = t.table.to_pydict()
     return [*zip(t["prompt_ids"], t["completion_ids"], strict=True),
             *zip(t["prompt_ids"], t["kl_completion_ids"], strict=True)]
 

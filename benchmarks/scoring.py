@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
+
+from shared.dataset import open_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
@@ -39,11 +40,8 @@ BACKENDS = ("vllm", "hf", "trl")
 
 
 def cache_values(cache: Path) -> dict[str, np.ndarray]:
-    manifest = json.loads((cache / "manifest.json").read_text())
-    tables = [pq.read_table(cache / s["name"], columns=["ref_logps", "ref_kl_logps"])
-              for s in manifest["shards"]]
-    return {c: np.concatenate([t[c].to_numpy() for t in tables]) for c in
-            ("ref_logps", "ref_kl_logps")}
+    t = open_cache(cache, columns=["ref_logps", "ref_kl_logps"]).table
+    return {c: t[c].to_numpy() for c in ("ref_logps", "ref_kl_logps")}
 
 
 def run_precompute(backend: str, model: Path, data: list[str], out: Path, args) -> dict:

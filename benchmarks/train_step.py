@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
+from shared.dataset import open_cache
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    ROOT,
     ModelShape,
     build_model,
     checked,
@@ -34,9 +35,6 @@ from common import (  # noqa: E402
     table,
     write,
 )
-
-sys.path.insert(0, str(ROOT / "tests"))
-from conftest import read_cache  # noqa: E402
 
 MODES = ("kto-train", "trl-live", "trl-precompute")
 # Forward-equivalents per row (backward = 2 forwards): target fwd+bwd, KL fwd, and with a
@@ -55,7 +53,7 @@ def build_cache(model: Path, data: list[str], out: Path, args) -> Path:
 
 
 def cache_stats(cache: Path) -> dict[str, float]:
-    t = read_cache(cache)[1]  # every shard (this read only the first before)
+    t = open_cache(cache).table  # every shard, checksums verified
     n = t.num_rows
     mean = {c: pc.sum(pc.list_value_length(t[c])).as_py() / n
             for c in ("prompt_ids", "completion_ids", "kl_completion_ids")}

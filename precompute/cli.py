@@ -46,7 +46,8 @@ def main() -> None:
 @config_option
 @click.option("--model", required=True, help="Reference model: local directory or hub name.")
 @click.option("--data", "data", multiple=True, required=True, type=click.Path(exists=True),
-              help="Input .json/.jsonl/.parquet file or saved datasets directory (repeatable).")
+              help="Input .json/.jsonl (or .json.gz/.jsonl.gz), .parquet file or saved "
+                   "datasets directory (repeatable).")
 @click.option("--output", required=True, type=click.Path(file_okay=False),
               help="Cache directory (shards + manifest.json).")
 @click.option("--tokenizer", default=None, help="Tokenizer path if not the model's.")

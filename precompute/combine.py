@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.cache import MANIFEST, verify_cache, write_json
+from shared.card import write_card
 from shared.errors import CacheError
 from shared.fingerprint import sha256_file
 
@@ -61,8 +62,10 @@ def _bring_shard(src_dir: Path, out: Path, entry: dict[str, Any]) -> None:
 def combine(out: Path, part_dirs: list[Path]) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     single = not list(out.glob("manifest.worker-*.json")) and (out / MANIFEST).is_file()
-    if not part_dirs and single:
-        return verify_cache(out)  # a single-worker run is already one cache
+    if not part_dirs and single:  # a single-worker run is already one cache
+        manifest = verify_cache(out)
+        write_card(out, manifest)  # (caches from before cards existed get one here)
+        return manifest
     parts = find_parts(part_dirs or [out])
     check_parts(parts)
     shards = []
@@ -78,5 +81,6 @@ def combine(out: Path, part_dirs: list[Path]) -> dict[str, Any]:
                          f"{merged['num_shards']}")
     write_json(out / MANIFEST, merged)
     verify_cache(out)
+    write_card(out, merged)
     log.info("combined %d worker parts into %s", len(parts), out)
     return merged

@@ -8,18 +8,15 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from shared.cache import verify_cache
+from shared.dataset import open_cache
 from shared.errors import CacheError
 
 COLUMNS = ("ref_logps", "ref_kl_logps")
 
 
 def _values(directory: Path) -> pa.Table:
-    manifest = verify_cache(directory, checksums=False)
-    return pa.concat_tables([pq.read_table(directory / s["name"], columns=["id", *COLUMNS])
-                             for s in manifest["shards"]])
+    return open_cache(directory, verify=False, columns=["id", *COLUMNS]).table
 
 
 def compare_caches(a: Path, b: Path) -> dict[str, Any]:

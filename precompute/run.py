@@ -31,6 +31,7 @@ from shared.cache import (
     write_json,
     write_shard,
 )
+from shared.card import is_card, write_card
 from shared.errors import CacheError, ConfigError
 from shared.fingerprint import sha256_json
 from shared.formats import parse_column_map
@@ -68,6 +69,7 @@ def run(config: PrecomputeConfig, scorer: Scorer | None = None) -> dict[str, Any
     write_json(out / part_manifest_name(config.num_workers, config.worker_index), manifest)
     if config.num_workers == 1:
         verify_cache(out)
+        write_card(out, manifest)  # a finished cache; worker parts get theirs from combine
     return _summary(manifest, scored, time.monotonic() - started, out, config)
 
 
@@ -76,7 +78,7 @@ def _claim_output(out: Path, cache_key: str, config: PrecomputeConfig) -> None:
     shards, its part manifest, the combined manifest): workers may share a directory."""
     if config.overwrite:
         for f in out.iterdir():
-            if _owned_by(f.name, config.num_workers, config.worker_index):
+            if _owned_by(f.name, config.num_workers, config.worker_index) or is_card(f):
                 f.unlink()
         return
     manifest = out / MANIFEST

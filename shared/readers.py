@@ -1,19 +1,24 @@
-"""Read input records from JSON, JSONL, Parquet or a ``datasets.save_to_disk``
-directory, one dict at a time, keeping each record's index for error messages."""
+"""Read input records from JSON, JSONL (either gzipped), Parquet or a
+``datasets.save_to_disk`` directory, one dict at a time, keeping each record's index for
+error messages. JSON lines are streamed, gzipped or not: never the whole file in memory."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
+import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from shared.errors import InputError
 from shared.fingerprint import sha256_file
 
-SUPPORTED = ".json, .jsonl, .parquet or a directory written by datasets.save_to_disk"
+SUPPORTED = (".json, .jsonl (or either gzipped: .json.gz, .jsonl.gz), .parquet or a directory "
+             "written by datasets.save_to_disk")
 _BATCH_ROWS = 1000
 
 
@@ -26,34 +31,75 @@ def iter_records(path: str) -> Iterator[tuple[int, Any]]:
         yield from _iter_saved_dataset(p)
     elif not p.exists():
         raise InputError(path, 0, "<file>", "file not found", SUPPORTED, "a missing path")
-    elif p.suffix == ".jsonl":
+    elif p.name.endswith((".jsonl", ".jsonl.gz")):
         yield from _iter_jsonl(p)
-    elif p.suffix == ".json":
+    elif p.name.endswith((".json", ".json.gz")):
         yield from _iter_json(p)
     elif p.suffix == ".parquet":
         yield from _iter_parquet(p)
     else:
-        raise InputError(path, 0, "<file>", "unsupported file type", SUPPORTED, repr(p.suffix))
+        raise InputError(path, 0, "<file>", "unsupported file type", SUPPORTED,
+                         repr("".join(p.suffixes[-2:])))
+
+
+# what a damaged file raises while it is read (gzip: bad header, truncated stream, bad CRC)
+_READ_ERRORS = (OSError, EOFError, zlib.error)
+
+
+def _open_bytes(p: Path) -> IO[bytes]:
+    """The file's bytes, gunzipped as they are read if the name ends in .gz."""
+    return gzip.open(p, "rb") if p.name.endswith(".gz") else p.open("rb")
+
+
+@contextmanager
+def _reading(p: Path, where: list[int]) -> Iterator[None]:
+    """A read error becomes an InputError naming the file, the record (``where[0]``) and
+    the last line read whole (``where[1]``). The rest of the file cannot be read, so it
+    stops the run even with --skip-invalid (those records would be lost without a count)."""
+    try:
+        yield
+    except _READ_ERRORS as err:
+        kind = "a complete gzip file" if p.name.endswith(".gz") else "a readable file"
+        raise InputError(str(p), where[0], "<file>", "unreadable file", kind,
+                         f"{type(err).__name__} ({err}) after line {where[1]}") from None
 
 
 def _iter_jsonl(p: Path) -> Iterator[tuple[int, Any]]:
+    """One record per line, decoded line by line (streamed, gzipped or not)."""
     index = 0
-    with p.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
+    where = [0, 0]
+    with _reading(p, where), _open_bytes(p) as f:
+        for line_no, raw in enumerate(f, start=1):
+            where[1] = line_no
+            if not raw.strip():
                 continue
-            try:
-                record: Any = json.loads(line)
-            except json.JSONDecodeError as err:
-                record = InputError(str(p), index, "<line>", "invalid JSON",
-                                    "one JSON object per line",
-                                    f"line {line_no} ({err.msg}): {line.strip()[:60]!r}")
-            yield index, record
+            yield index, _parse_line(p, index, line_no, raw)
             index += 1
+            where[0] = index
+
+
+def _parse_line(p: Path, index: int, line_no: int, raw: bytes) -> Any:
+    """The record, or an InputError in its place (the caller stops or counts it)."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return InputError(str(p), index, "<line>", "invalid UTF-8", "UTF-8 text",
+                          f"line {line_no}, byte {err.start}: {raw[:60]!r}")
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        return InputError(str(p), index, "<line>", "invalid JSON", "one JSON object per line",
+                          f"line {line_no} ({err.msg}): {line.strip()[:60]!r}")
 
 
 def _iter_json(p: Path) -> Iterator[tuple[int, Any]]:
-    text = p.read_text(encoding="utf-8")
+    with _reading(p, [0, 0]), _open_bytes(p) as f:  # an array is parsed whole, as before
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(str(p), 0, "<file>", "invalid UTF-8", "UTF-8 text",
+                         f"a byte that is not UTF-8 at offset {err.start}") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:

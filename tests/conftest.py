@@ -51,15 +51,11 @@ def build_cache(tiny_dir, data, output, backend="hf", scorer=None, **kw):
 
 
 def read_cache(directory):
-    import json
-    from pathlib import Path
+    """(manifest, table) through the public reader: checksums verified, memory-mapped."""
+    from shared.dataset import open_cache
 
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    manifest = json.loads((Path(directory) / "manifest.json").read_text())
-    tables = [pq.read_table(Path(directory) / s["name"]) for s in manifest["shards"]]
-    return manifest, pa.concat_tables(tables)
+    cache = open_cache(directory)
+    return cache.manifest, cache.table
 
 
 @pytest.fixture(scope="session")

@@ -1,1 +1,2 @@
-"""kto-train: policy-only KTO training from a reference cache (not built yet)."""
+"""kto-train: policy-only KTO training from a reference cache (no reference model in
+memory). `python -m train.cli` is the command; `python -m train.plot OUTPUT` draws a run."""

@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from shared.cache import verify_cache
+from shared.dataset import map_shards
 from shared.errors import CacheError
 from shared.fingerprint import tokenizer_fingerprint
 from train.packing import packed, padded
@@ -46,14 +46,7 @@ def open_cache(directory: str, tokenizer: Any, spill: Path) -> CacheRows:
             f"{directory} was tokenized with another tokenizer (cache fingerprint {theirs[:12]}, "
             f"policy tokenizer {mine[:12]}); rebuild the cache with the policy's tokenizer "
             "(kto-precompute --tokenizer) or pass the matching --tokenizer")
-    with pa.OSFile(str(spill), "wb") as sink:
-        writer = None
-        for shard in manifest["shards"]:
-            table = pq.read_table(Path(directory) / shard["name"], columns=list(COLUMNS))
-            writer = writer or pa.ipc.new_file(sink, table.schema)
-            writer.write_table(table)
-        writer.close()
-    table = pa.ipc.open_file(pa.memory_map(str(spill))).read_all()
+    table = map_shards(directory, manifest, COLUMNS, spill)
     lengths = (pc.list_value_length(table["prompt_ids"]).to_numpy()
                + pc.list_value_length(table["completion_ids"]).to_numpy())
     return CacheRows(table, manifest, lengths)

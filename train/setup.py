@@ -15,6 +15,7 @@ import torch
 from shared.errors import ConfigError
 from train.config import TrainConfig
 from train.head import add_chunked_head
+from train.trackers import start_trackers
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,7 @@ def make_accelerator(config: TrainConfig, out: Path):
     acc = Accelerator(mixed_precision="bf16" if config.bf16 else "no", log_with=log_with,
                       project_dir=str(out), cpu=not torch.cuda.is_available())
     set_seed(config.seed)
-    if log_with:
-        acc.init_trackers("kto-train", config={k: v for k, v in config.to_dict().items()
-                                               if isinstance(v, int | float | str | bool)})
+    start_trackers(acc, config, out)
     if acc.is_main_process:
         (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     return acc

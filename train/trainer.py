@@ -37,6 +37,7 @@ from train.setup import (
     router_aux_coef,
     save_final,
 )
+from train.trackers import tracker_values
 
 log = logging.getLogger(__name__)
 Reference = Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]
@@ -221,7 +222,7 @@ class Trainer:
             self.metrics.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{record['kl']:.3f}",
                             tok_s=f"{record['tokens_per_second']:.0f}")
-        self.accelerator.log(record, step=self.step)
+        self.accelerator.log(tracker_values(record, self.config.report_to), step=self.step)
         return record
 
     @torch.no_grad()
@@ -243,7 +244,7 @@ class Trainer:
                   **window.result("eval_")}
         if self.metrics:
             self.metrics.write(record)
-        acc.log(record, step=self.step)
+        acc.log(tracker_values(record, self.config.report_to), step=self.step)
         return record
 
     # ---- save and clean up ----------------------------------------------------------
