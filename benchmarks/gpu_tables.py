@@ -302,9 +302,60 @@ def naive_tokens(model: Path, pairs) -> list:
     return out
 
 
+def masks(args) -> None:
+    """The suspected cause of the bf16 non-finite loss (issue 10), asked of the device's
+    own attention kernels: SDPA forward and backward, bf16, the 0.5B shape's heads, on a
+    causal mask with each row's padding on the left (the old layout: fully masked query
+    rows) or on the right (kto-train's layout now). NaN anywhere, in the output of real
+    rows or in a gradient, would poison a training step."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    device = "cuda" if on_gpu() else "cpu"
+    kernels = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH,
+               "cudnn": SDPBackend.CUDNN_ATTENTION}
+    rows, result = [], []
+    for name, kernel in kernels.items():
+        for side in ("left", "right"):
+            for pad in (1, 63, 64, 200, 700):
+                r = _mask_case(torch, F, sdpa_kernel, kernel, device, side, pad)
+                result.append({"kernel": name, "padding": side, "pad_tokens": pad, **r})
+                rows.append([name, side, pad, r.get("error") or r["nan_real_rows"],
+                             r.get("error") or r["nan_grad"]])
+    md = (f"`{command_line()}`: SDPA in bfloat16 on {device}, batch 8, 14 heads of 64, 1024 "
+          "positions, causal + padding mask; NaN in real rows' output / in q, k, v "
+          "gradients.\n\n")
+    md += table(["kernel", "padding", "pad tokens", "NaN in real rows", "NaN in gradients"],
+                rows)
+    write(args, "masks", {"results": result}, md)
+
+
+def _mask_case(torch, F, sdpa_kernel, kernel, device, side, pad) -> dict:
+    torch.manual_seed(0)
+    b, h, t, d = 8, 14, 1024, 64
+    q, k, v = (torch.randn(b, h, t, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    real = torch.ones(b, t, dtype=torch.bool, device=device)
+    real[1::2] = False  # every other row padded
+    positions = torch.arange(t, device=device)
+    keep = positions >= pad if side == "left" else positions < t - pad
+    real[1::2] = keep
+    mask = torch.tril(torch.ones(t, t, dtype=torch.bool, device=device))[None] & real[:, None]
+    try:
+        with sdpa_kernel(kernel):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+            (out * real[:, None, :, None]).float().sum().backward()
+    except RuntimeError as err:  # a kernel that does not take this mask or dtype here
+        return {"error": str(err).splitlines()[0][:60]}
+    nan_rows = torch.isnan(out).any(-1).any(1) & real
+    return {"nan_real_rows": int(nan_rows.sum()),
+            "nan_grad": any(bool(torch.isnan(x.grad).any()) for x in (q, k, v))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("table", choices=("scoring", "train", "agreement"))
+    ap.add_argument("table", choices=("scoring", "train", "agreement", "masks"))
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--shape", choices=tuple(SHAPES), default="qwen2-0.5b",
                     help="random Qwen2: the 0.5B shape (GPU), 4x512 with the 151936 "
@@ -323,7 +374,7 @@ def main() -> None:
                     help="also kto-train padding-free with flex attention")
     ap.add_argument("--sample", type=int, default=48, help="agreement: rows compared")
     args = ap.parse_args()
-    {"scoring": scoring, "train": train, "agreement": agreement}[args.table](args)
+    {"scoring": scoring, "train": train, "agreement": agreement, "masks": masks}[args.table](args)
 
 
 if __name__ == "__main__":

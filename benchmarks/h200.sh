@@ -5,7 +5,7 @@
 # carry [".gpu-carry"]:   bash benchmarks/h200.sh scoring|train|agreement [gpu_tables options]
 # Results (tables as Markdown and JSON) and a tarball of the logs land in $OUT.
 set -euo pipefail
-table=${1:?usage: bash benchmarks/h200.sh scoring|train|agreement [options]}
+table=${1:?usage: bash benchmarks/h200.sh scoring|train|agreement|masks [options]}
 shift
 carry=.gpu-carry
 out=${OUT:-runs/gpu/out}
