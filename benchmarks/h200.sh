@@ -2,7 +2,7 @@
 # One GPU table on the lent H200 (../shared/gpu/README.md says what that machine has).
 # Prepare here first: `make gpu-carry` (copies the tested vLLM 0.22 bundle and the trl /
 # datasets wheels into the git-ignored .gpu-carry/), then run through the device tool with
-# carry [".gpu-carry"]:   bash benchmarks/h200.sh scoring|train|agreement [gpu_tables options]
+# carry [".gpu-carry"]:   bash benchmarks/h200.sh scoring|train|agreement|masks [options]
 # Results (tables as Markdown and JSON) and a tarball of the logs land in $OUT.
 set -euo pipefail
 table=${1:?usage: bash benchmarks/h200.sh scoring|train|agreement|masks [options]}
