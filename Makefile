@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 AIRFLOW_VENV  ?= .venv-airflow
 AIRFLOW_STAMP := $(AIRFLOW_VENV)/.installed
 
-.PHONY: venv airflow-venv test lint demo demo-tiny real-model bench clean-venv
+.PHONY: venv airflow-venv test lint demo demo-tiny real-model learning-check bench clean-venv
 
 venv: $(STAMP)
 
@@ -50,6 +50,11 @@ real-model: $(STAMP)
 # kto-precompute and kto-train, with held-out metrics and generations before and after.
 demo: real-model
 	$(BIN)/python -m train.demo runs/demo
+
+# What the real model learns (tests/test_real_model.py, marked real_model; left out of
+# `make test`, see the README's "The main job").
+learning-check: real-model
+	KTO_REQUIRE_REAL_MODEL=1 $(BIN)/python -m pytest -q -m real_model tests/test_real_model.py
 
 # The same pipeline on a tiny random model (no download; about a minute).
 demo-tiny: $(STAMP)

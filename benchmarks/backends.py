@@ -5,7 +5,9 @@ bfloat16 drift against float32.
 Runs `kto-precompute` once per backend and dtype on the given data (each in its own
 process, as a user would), compares the caches row by row, compares both float32 caches
 with the oracle on a sample of rows, and vLLM's per-token values with the oracle's on a
-smaller sample (benchmarks/vllm_tokens.py, in its own process).
+smaller sample (benchmarks/vllm_tokens.py, in its own process). A cache already in
+--out with the same settings is reused (kto-precompute resumes): a rerun scores only
+what is missing.
 
     python benchmarks/backends.py --real-model --records 32 --out runs/agree-smollm2
     python benchmarks/backends.py --layers 2 --hidden 64 --out runs/agree-tiny
@@ -35,7 +37,7 @@ def precompute(model: Path, data: list[str], out: Path, backend: str, dtype: str
                args) -> dict:
     cmd = [sys.executable, "-m", "precompute.cli", "--model", str(model), "--output", str(out),
            "--backend", backend, "--dtype", dtype, "--max-length", str(args.max_length),
-           "--overwrite", *[a for d in data for a in ("--data", d)]]
+           *[a for d in data for a in ("--data", d)]]  # a complete cache is reused (resume)
     with open(out.parent / f"{out.name}.log", "w") as log:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT)
     if proc.returncode != 0:
@@ -146,6 +148,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--vocab", type=int, default=None)
     ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--bf16-backends", default="hf,vllm",
+                    help="backends to run in bfloat16 (float32 always runs both)")
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--data", action="append", default=None, help="default: both demo files")
     ap.add_argument("--records", type=int, default=0,
@@ -161,7 +165,7 @@ def main() -> None:
     dtypes = args.dtypes.split(",")
     runs, caches = {}, {}
     for dtype in dtypes:
-        for b in BACKENDS:
+        for b in BACKENDS if dtype == "float32" else args.bf16_backends.split(","):
             out = args.out / f"cache-{b}-{dtype}"
             runs[f"{b}-{dtype}"] = precompute(model, data, out, b, dtype, args)
             caches[(b, dtype)] = read_cache(out)[1].sort_by("id")  # rows matched by id
