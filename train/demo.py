@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+import click
+
 from shared.errors import KtoError
 
 CHAT_TEMPLATE = (
@@ -208,20 +210,22 @@ def run_tiny(out: Path) -> None:
     print(f"policy in {out / 'policy'}; metrics in {out / 'policy' / 'metrics.jsonl'}")
 
 
-def main(argv: list[str]) -> None:
-    tiny = "--tiny" in argv
-    args = [a for a in argv if a != "--tiny"]
-    out = Path(args[0] if args else ("runs/demo-tiny" if tiny else "runs/demo"))
+@click.command(help="The main job on a fresh machine (README, 'The main job').")
+@click.argument("output", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--tiny", is_flag=True,
+              help="A tiny random Llama instead of SmolLM2 (no download; replies mean nothing).")
+def main(output: Path | None, tiny: bool) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars are not the demo's progress
+    out = output or Path("runs/demo-tiny" if tiny else "runs/demo")
     t0 = time.monotonic()
     try:
         (run_tiny if tiny else run_real)(out)
     except KtoError as err:
-        sys.exit(f"Error: {err}")
+        raise click.ClickException(str(err)) from err
     print(f"demo done in {time.monotonic() - t0:.0f} s")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
