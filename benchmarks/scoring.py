@@ -23,14 +23,14 @@ from shared.dataset import open_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    ModelShape,
-    build_model,
+    add_model_args,
     checked,
     command_line,
     data_slice,
     fmt,
     machine,
     measure,
+    resolve_model,
     spread,
     table,
     write,
@@ -59,8 +59,8 @@ def run_trl(model: Path, cache: Path, tokens: int, args, dump: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).parent / "trl_kto.py"), "--model", str(model),
            "--cache", str(cache), "--mode", "precompute-only", "--batch-size",
            str(args.trl_batch_size), "--dump", str(dump)]
-    if args.dtype == "bfloat16":
-        cmd.append("--bf16")
+    if args.dtype == "bfloat16":  # bf16 weights, as kto-precompute --dtype bfloat16
+        cmd += ["--torch-dtype", "bfloat16", "--bf16"]
     m = checked(measure(cmd), "TRL precompute")
     s = json.loads(m.stdout.strip().splitlines()[-1])
     return {"tokens": tokens, "rows": s["rows"], "scoring_seconds": s["precompute_seconds"],
@@ -72,18 +72,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--records", type=int, default=24, help="first N records of each file")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--layers", type=int, default=ModelShape.layers)
-    ap.add_argument("--hidden", type=int, default=ModelShape.hidden)
-    ap.add_argument("--vocab", type=int, default=ModelShape.vocab)
+    add_model_args(ap)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--trl-batch-size", type=int, default=8)
     ap.add_argument("--backends", default=",".join(BACKENDS))
     args = ap.parse_args()
     backends = args.backends.split(",")
-    shape = ModelShape(layers=args.layers, hidden=args.hidden, vocab=args.vocab)
-    model = build_model(args.out.parent / f"model-{shape.layers}x{shape.hidden}-{shape.vocab}",
-                        shape)
+    model, shape = resolve_model(args, args.out.parent)
     data = data_slice(args.out / "data", args.records)
     info = machine(args.dtype)
     limit = info[f"gemm_peak_gflops_{args.dtype}"] * 1e9 / shape.flops_per_token()
@@ -133,8 +129,7 @@ def main() -> None:
                      fmt(s["peak_rss_gib"], 2)])
     md = (f"`{command_line()}`: {summary[backends[0]]['rows']} rows, "
           f"{summary[backends[0]]['tokens']} tokens scored per run, {args.dtype}, "
-          f"{shape.layers}x{shape.hidden} Llama, vocabulary {shape.vocab} "
-          f"({shape.parameters()['total'] / 1e6:.1f}M parameters, "
+          f"{shape.describe()} ({shape.parameters()['total'] / 1e6:.1f}M parameters, "
           f"{shape.flops_per_token() / 1e6:.1f} MFLOP/token), {args.reps} repetitions, "
           f"median (min-max). FLOP limit: measured GEMM peak "
           f"{info[f'gemm_peak_gflops_{args.dtype}']} GFLOP/s / (2 x non-embedding parameters) "

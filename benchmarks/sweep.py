@@ -14,8 +14,19 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import checked, command_line, data_slice, fmt, machine, measure, spread, table, write  # noqa: E402
-from train_step import ModelShape, add_args, build_model, cache_stats, kto_train, trl  # noqa: E402
+from common import (  # noqa: E402
+    checked,
+    command_line,
+    data_slice,
+    fmt,
+    machine,
+    measure,
+    resolve_model,
+    spread,
+    table,
+    write,
+)
+from train_step import add_args, cache_stats, kto_train, trl  # noqa: E402
 
 
 def main() -> None:
@@ -25,9 +36,7 @@ def main() -> None:
     ap.add_argument("--backend", default="auto", help="kto-precompute --backend")
     args = ap.parse_args()
     betas = [float(b) for b in args.betas.split(",")]
-    shape = ModelShape(layers=args.layers, hidden=args.hidden, vocab=args.vocab)
-    model = build_model(args.out.parent / f"model-{shape.layers}x{shape.hidden}-{shape.vocab}",
-                        shape)
+    model, shape = resolve_model(args, args.out.parent)
     data = data_slice(args.out / "data", args.records)
 
     totals: dict[str, list[float]] = {"kto-cache": [], "trl-live": []}
@@ -55,7 +64,8 @@ def main() -> None:
     per_theirs = spread([t for p in parts for t in p["trl_live"]], 1)
     k = len(betas)
     md = (f"`{command_line()}`: betas {betas}, {steps} steps per run (one epoch), "
-          f"kto-precompute --backend {args.backend}, other settings as the step-time table; "
+          f"{shape.describe()}, kto-precompute --backend {args.backend}, settings "
+          f"{args.settings}, other settings as the step-time table; "
           f"{args.reps} repetitions, median (min-max), seconds.\n\n")
     md += table(["pipeline", f"total for K={k}", "per training run", "one-off precompute",
                  "vs TRL"],

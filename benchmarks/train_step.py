@@ -24,13 +24,14 @@ from shared.dataset import open_cache
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     ModelShape,
-    build_model,
+    add_model_args,
     checked,
     command_line,
     data_slice,
     fmt,
     machine,
     measure,
+    resolve_model,
     spread,
     table,
     write,
@@ -61,44 +62,63 @@ def cache_stats(cache: Path) -> dict[str, float]:
             "kl_tokens_per_row": mean["prompt_ids"] + mean["kl_completion_ids"]}
 
 
+def precision_flags(args, tool: str) -> list[str]:
+    """``--settings identical``: both tools float32 weights, bf16 autocast only with
+    ``--dtype bfloat16``, no gradient checkpointing. ``trl-defaults``: TRL with its
+    KTOConfig defaults (1.16: bf16 autocast and gradient checkpointing on) and kto-train
+    with the same two switched on."""
+    if args.settings == "trl-defaults":
+        return ["--trl-defaults"] if tool == "trl" else ["--bf16", "--gradient-checkpointing"]
+    bf16 = ["--bf16"] if args.dtype == "bfloat16" else []
+    return bf16 + ([] if tool == "trl" else ["--no-gradient-checkpointing"])
+
+
 def kto_train(model: Path, cache: Path, out: Path, beta: float, args) -> dict:
     cmd = [sys.executable, "-m", "train.cli", "--model", str(model), "--cache", str(cache),
            "--output", str(out), "--num-train-epochs", "1", "--per-device-train-batch-size",
            str(args.batch_size), "--learning-rate", str(args.learning_rate), "--beta",
-           str(beta), "--no-group-by-length", "--logging-steps", "1000", "--seed", "0"]
-    if args.dtype == "bfloat16":
-        cmd.append("--bf16")
+           str(beta), "--no-group-by-length", "--logging-steps", "1000", "--seed", "0",
+           *precision_flags(args, "kto-train")]
     m = checked(measure(cmd), "kto-train")
     s = json.loads(m.stdout[m.stdout.index("{"):])
+    resolved = json.loads((out / "train_config.json").read_text())
     return {"steps": s["steps_run"], "train_seconds": s["train_seconds"],
             "seconds_per_step": s["train_seconds"] / s["steps_run"],
-            "wall_seconds": round(m.seconds, 2), "peak_rss_gib": round(m.peak_rss_gib, 3)}
+            "wall_seconds": round(m.seconds, 2), "peak_rss_gib": round(m.peak_rss_gib, 3),
+            "settings": {"weights_dtype": resolved.get("torch_dtype", "float32"),
+                         "bf16_autocast": resolved.get("bf16"),
+                         "gradient_checkpointing": resolved.get("gradient_checkpointing")}}
 
 
 def trl(model: Path, cache: Path, mode: str, steps: int, beta: float, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).parent / "trl_kto.py"), "--model", str(model),
            "--cache", str(cache), "--mode", mode, "--batch-size", str(args.batch_size),
            "--max-steps", str(steps), "--learning-rate", str(args.learning_rate),
-           "--beta", str(beta)]
-    if args.dtype == "bfloat16":
-        cmd.append("--bf16")
+           "--beta", str(beta), *precision_flags(args, "trl")]
     m = checked(measure(cmd), f"TRL {mode}")
     s = json.loads(m.stdout.strip().splitlines()[-1])
     return {"steps": s["steps"], "train_seconds": s["train_seconds"],
             "seconds_per_step": s["seconds_per_step"],
             "precompute_seconds": s["precompute_seconds"],
-            "keeps_reference_model": s["keeps_reference_model"],
+            "keeps_reference_model": s["keeps_reference_model"], "settings": s["settings"],
             "wall_seconds": round(m.seconds, 2), "peak_rss_gib": round(m.peak_rss_gib, 3)}
+
+
+def settings_text(s: dict) -> str:
+    """What the run resolved: weights dtype / bf16 autocast / gradient checkpointing."""
+    return (f"{s['weights_dtype']} / {'bf16' if s['bf16_autocast'] else 'none'} / "
+            f"{'on' if s['gradient_checkpointing'] else 'off'}")
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--records", type=int, default=16, help="first N records of each file")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--layers", type=int, default=ModelShape.layers)
-    ap.add_argument("--hidden", type=int, default=ModelShape.hidden)
-    ap.add_argument("--vocab", type=int, default=ModelShape.vocab)
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    add_model_args(ap)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="bfloat16: bf16 autocast for both tools (with --settings identical)")
+    ap.add_argument("--settings", default="identical", choices=("identical", "trl-defaults"),
+                    help="precision and gradient checkpointing: see precision_flags")
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--learning-rate", type=float, default=1e-5)
@@ -106,9 +126,7 @@ def add_args(ap: argparse.ArgumentParser) -> None:
 
 
 def setup(args) -> tuple[ModelShape, Path, Path]:
-    shape = ModelShape(layers=args.layers, hidden=args.hidden, vocab=args.vocab)
-    model = build_model(args.out.parent / f"model-{shape.layers}x{shape.hidden}-{shape.vocab}",
-                        shape)
+    model, shape = resolve_model(args, args.out.parent)
     data = data_slice(args.out / "data", args.records)
     cache = build_cache(model, data, args.out / "cache", args)
     return shape, model, cache
@@ -121,8 +139,9 @@ def main() -> None:
     shape, model, cache = setup(args)
     stats = cache_stats(cache)
     steps = stats["rows"] // args.batch_size
-    info = machine(args.dtype)
-    peak = info[f"gemm_peak_gflops_{args.dtype}"] * 1e9
+    gemm = "bfloat16" if args.dtype == "bfloat16" or args.settings == "trl-defaults" else "float32"
+    info = machine(gemm)
+    peak = info[f"gemm_peak_gflops_{gemm}"] * 1e9
 
     modes = [m for m in MODES if m in args.modes.split(",")]
     runs: dict[str, list[dict]] = {m: [] for m in modes}
@@ -136,8 +155,7 @@ def main() -> None:
             print(f"rep {rep} {m}: {r['seconds_per_step']:.3f} s/step, "
                   f"{r['peak_rss_gib']:.2f} GiB", flush=True)
 
-    bytes_per = 2 if args.dtype == "bfloat16" else 4
-    ref_gib = shape.parameters()["total"] * bytes_per / 2**30
+    ref_gib = shape.parameters()["total"] * 4 / 2**30  # float32 weights (bf16 is autocast)
     summary, rows = {}, []
     for m in modes:
         rs = runs[m]
@@ -161,20 +179,23 @@ def main() -> None:
                  if live else "")
         mem = (f"{s['peak_rss_gib']['median'] - live['peak_rss_gib']['median']:+.2f}"
                if live and m != "trl-live" else "")
-        rows.append([m, fmt(s["seconds_per_step"], 2), ratio, FORWARDS[m],
+        rows.append([m, settings_text(runs[m][0]["settings"]), fmt(s["seconds_per_step"], 2),
+                     ratio, FORWARDS[m],
                      f"{100 * util:.0f}%", fmt(s["peak_rss_gib"], 2), mem,
                      fmt(s.get("precompute_seconds", {"median": 0, "min": 0, "max": 0}), 1)
                      if m == "trl-precompute" else ""])
     md = (f"`{command_line()}`: {stats['rows']} rows (first {args.records} records of each "
           f"real file, truncated to {args.max_length} tokens; mean "
           f"{stats['target_tokens_per_row']:.0f} target + {stats['kl_tokens_per_row']:.0f} KL "
-          f"tokens per row), batch {args.batch_size}, {steps} steps (one epoch), {args.dtype}, "
-          f"{shape.layers}x{shape.hidden} Llama with vocabulary {shape.vocab} "
+          f"tokens per row), batch {args.batch_size}, {steps} steps (one epoch), settings "
+          f"{args.settings} (--dtype {args.dtype}), {shape.describe()} "
           f"({shape.parameters()['total'] / 1e6:.1f}M parameters; reference weights "
           f"{ref_gib:.2f} GiB), {args.reps} repetitions, median (min-max). Share of FLOP "
           f"limit: useful forward-equivalent FLOPs per step (padding excluded) / step time / "
-          f"measured GEMM peak ({info[f'gemm_peak_gflops_{args.dtype}']} GFLOP/s).\n\n")
-    md += table(["trainer", "s/step", "vs TRL live", "forward-equivalents per row",
+          f"measured GEMM peak ({info[f'gemm_peak_gflops_{gemm}']} GFLOP/s, {gemm}); "
+          f"recomputation under gradient checkpointing is not useful work.\n\n")
+    md += table(["trainer", "weights / autocast / checkpointing", "s/step", "vs TRL live",
+                 "forward-equivalents per row",
                  "of FLOP limit", "peak RSS GiB", "RSS vs TRL live (GiB)",
                  "TRL reference precompute s"], rows)
     result = {"command": command_line(), "machine": info, "shape": shape, "data": stats,

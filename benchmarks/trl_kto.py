@@ -17,15 +17,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 
 def cache_dataset(cache: Path):
     """Our cache's rows in TRL's post-tokenization column names, in cache order."""
     from datasets import Dataset
 
-    from shared.dataset import open_cache
-
+    manifest = json.loads((cache / "manifest.json").read_text())
     cols = ["prompt_ids", "completion_ids", "kl_completion_ids", "label"]
-    data = open_cache(cache, columns=cols).table.to_pydict()
+    tables = [pq.read_table(cache / s["name"], columns=cols) for s in manifest["shards"]]
+    data = {c: [v for t in tables for v in t[c].to_pylist()] for c in cols}
     data["KL_completion_ids"] = data.pop("kl_completion_ids")
     return Dataset.from_dict(data)
 
@@ -61,12 +63,14 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--learning-rate", type=float, default=1e-5)
     ap.add_argument("--max-length", type=int, default=None)
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (TRL's default)")
-    ap.add_argument("--torch-dtype", choices=("float32", "bfloat16"), default=None,
-                    help="dtype the model is loaded in; default bfloat16 with --bf16, else "
-                         "float32")
+    ap.add_argument("--torch-dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="dtype the model's weights are loaded in")
+    ap.add_argument("--bf16", action="store_true", help="KTOConfig(bf16=True): bf16 autocast")
     ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
-                    default=True, help="TRL's KTOConfig default: on")
+                    default=False)
+    ap.add_argument("--trl-defaults", action="store_true",
+                    help="leave bf16 and gradient_checkpointing to KTOConfig's defaults (TRL "
+                         "1.16: both on) instead of --bf16/--gradient-checkpointing")
     ap.add_argument("--dump", type=Path, default=None,
                     help="write TRL's reference log-probs (JSON) here after the precompute")
     args = ap.parse_args()
@@ -79,16 +83,16 @@ def main() -> None:
     torch.manual_seed(0)
     dataset = cache_dataset(args.cache)
     tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="left")
-    dtype = getattr(torch, args.torch_dtype or ("bfloat16" if args.bf16 else "float32"))
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.torch_dtype))
     work = tempfile.mkdtemp(prefix="trl-kto-")
+    precision = {} if args.trl_defaults else {"bf16": args.bf16,
+                                              "gradient_checkpointing": args.gradient_checkpointing}
     config = KTOConfig(
         output_dir=work, per_device_train_batch_size=args.batch_size, max_steps=args.max_steps,
         beta=args.beta, learning_rate=args.learning_rate, max_length=args.max_length,
         precompute_ref_log_probs=args.mode != "live",
         precompute_ref_batch_size=args.precompute_batch_size,
-        train_sampling_strategy="sequential", bf16=args.bf16,
-        gradient_checkpointing=args.gradient_checkpointing, logging_steps=10**9,
+        train_sampling_strategy="sequential", **precision, logging_steps=10**9,
         save_strategy="no", report_to=[], disable_tqdm=True, seed=0,
         use_cpu=not torch.cuda.is_available(), dataloader_drop_last=True)
     t0 = time.monotonic()
@@ -98,8 +102,8 @@ def main() -> None:
     result = {"mode": args.mode, "rows": len(dataset), "init_seconds": round(init_seconds, 3),
               "precompute_seconds": round(PreTokenized.precompute_seconds, 3),
               "keeps_reference_model": trainer.ref_model is not None,
-              "settings": {"torch_dtype": str(dtype).removeprefix("torch."), "bf16": args.bf16,
-                           "gradient_checkpointing": args.gradient_checkpointing}}
+              "settings": {"weights_dtype": args.torch_dtype, "bf16_autocast": config.bf16,
+                           "gradient_checkpointing": config.gradient_checkpointing}}
     if args.dump and args.mode != "live":
         ds = trainer.train_dataset
         args.dump.write_text(json.dumps({"ref_logps": list(ds["ref_logps"]),

@@ -71,3 +71,23 @@ def test_benchmark_script_parses_its_arguments(script):
                          text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "usage:" in out.stdout
+
+
+def test_model_shape_from_config_counts_a_saved_model_with_gqa_and_tied_embeddings(tmp_path):
+    """SmolLM2's shape (grouped-query attention, head_dim 64, tied LM head) at toy size:
+    the counts behind the real-model tables equal the saved model's parameters."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=320, hidden_size=96, intermediate_size=160,
+                         num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1,
+                         head_dim=32, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "m")
+    shape = ModelShape.from_config(tmp_path / "m")
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "m")
+    total = sum(p.numel() for p in model.parameters())  # tied: the head is not counted twice
+    embedding = model.get_input_embeddings().weight.numel()
+    head = model.get_output_embeddings().weight.numel()
+    assert shape.parameters() == {"total": total, "non_embedding": total - embedding + head}
+    assert shape.describe() == "m (2x96 Llama, vocabulary 320)"

@@ -46,18 +46,20 @@ def test_real_data_held_out_margins_rise(tiny_dir, tmp_path):
     assert margins[-1] > margins[0] + 0.1, margins
 
 
-@pytest.mark.vllm
-def test_demo_runs_end_to_end(tmp_path):
-    """`make demo` as a user runs it: both CLIs in their own processes (vLLM when
-    installed), then the summary line."""
+def test_tiny_demo_runs_end_to_end(tmp_path):
+    """`make demo-tiny` as a user runs it: both CLIs in their own processes, their logs
+    in OUT/logs, progress bars and the summary on the terminal."""
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "train.demo", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "train.demo", "--tiny", str(tmp_path)],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = proc.stdout.strip().splitlines()[-2]
-    assert summary.startswith("trained 24 steps; held-out (64 rows) rewards/margins:")
+    lines = proc.stdout.splitlines()
+    assert "trained 24 steps; held-out (64 rows) at step 0 -> step 24:" in lines
+    assert not [line for line in lines if "WARNING" in line or "Traceback" in line]
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == [
+        "kto-precompute-eval.log", "kto-precompute-train.log", "kto-train.log"]
     evals = [json.loads(line) for line in (tmp_path / "policy" / "metrics.jsonl")
              .read_text().splitlines() if "eval_loss" in line]
     assert evals[-1]["eval_rewards/margins"] > evals[0]["eval_rewards/margins"] + 1.0
