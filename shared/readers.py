@@ -10,10 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from shared.errors import InputError
+from shared.errors import FILE_FIELD, InputError
 from shared.fingerprint import sha256_file
 
 SUPPORTED = ".json, .jsonl, .parquet or a directory written by datasets.save_to_disk"
+REENCODE = "Re-encode the file as UTF-8 (e.g. iconv -f LATIN1 -t UTF-8 IN > OUT) and rerun."
 _BATCH_ROWS = 1000
 
 
@@ -25,7 +26,8 @@ def iter_records(path: str) -> Iterator[tuple[int, Any]]:
     if p.is_dir():
         yield from _iter_saved_dataset(p)
     elif not p.exists():
-        raise InputError(path, 0, "<file>", "file not found", SUPPORTED, "a missing path")
+        raise InputError(path, 0, FILE_FIELD, "file not found", SUPPORTED, "a missing path",
+                         fix="Check the --data path.")
     elif p.suffix == ".jsonl":
         yield from _iter_jsonl(p)
     elif p.suffix == ".json":
@@ -33,52 +35,80 @@ def iter_records(path: str) -> Iterator[tuple[int, Any]]:
     elif p.suffix == ".parquet":
         yield from _iter_parquet(p)
     else:
-        raise InputError(path, 0, "<file>", "unsupported file type", SUPPORTED, repr(p.suffix))
+        raise InputError(path, 0, FILE_FIELD, "unsupported file type", SUPPORTED,
+                         repr(p.suffix), fix="Convert it to one of these, or rename a JSON "
+                         "lines file to .jsonl.")
 
 
 def _iter_jsonl(p: Path) -> Iterator[tuple[int, Any]]:
+    """One record per non-blank line; a line that is not UTF-8 or not JSON becomes an
+    ``InputError`` for that record (skippable), the others still go through."""
     index = 0
-    with p.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
+    with p.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             try:
-                record: Any = json.loads(line)
+                record: Any = json.loads(_decode(raw, line_no == 1))
+            except UnicodeDecodeError as err:
+                record = InputError(str(p), index, "<line>", "not UTF-8", "UTF-8 text",
+                                    f"line {line_no}: byte {raw[err.start]:#04x} at column "
+                                    f"{err.start + 1}", fix=REENCODE + " Or pass --skip-invalid "
+                                    "to count and skip such records.")
             except json.JSONDecodeError as err:
+                line = raw.decode("utf-8", errors="replace").strip()
                 record = InputError(str(p), index, "<line>", "invalid JSON",
                                     "one JSON object per line",
-                                    f"line {line_no} ({err.msg}): {line.strip()[:60]!r}")
+                                    f"line {line_no} ({err.msg}): {line[:60]!r}")
             yield index, record
             index += 1
 
 
+def _decode(raw: bytes, first: bool) -> str:
+    """UTF-8 (a byte-order mark at the start of the file is allowed, as editors write it)."""
+    return raw.decode("utf-8-sig" if first else "utf-8")
+
+
 def _iter_json(p: Path) -> Iterator[tuple[int, Any]]:
-    text = p.read_text(encoding="utf-8")
+    raw = p.read_bytes()
+    try:
+        text = _decode(raw, True)
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise InputError(str(p), 0, FILE_FIELD, "not UTF-8", "UTF-8 text",
+                         f"byte {raw[err.start]:#04x} at offset {err.start} (line {line})",
+                         fix=REENCODE) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # several top-level values: JSON lines under a .json name
             yield from _iter_jsonl(p)
             return
-        raise InputError(str(p), 0, "<file>", "invalid JSON", "a JSON array of objects",
+        raise InputError(str(p), 0, FILE_FIELD, "invalid JSON", "a JSON array of objects",
                          f"a parse error at line {err.lineno} column {err.colno} ({err.msg})",
-                         ) from None
+                         fix="Fix the JSON at that place and rerun.") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
-        raise InputError(str(p), 0, "<file>", "wrong top-level value", "a JSON array of objects",
-                         type(data).__name__)
+        raise InputError(str(p), 0, FILE_FIELD, "wrong top-level value",
+                         "a JSON array of objects (or JSON lines)", type(data).__name__)
     yield from enumerate(data)
 
 
 def _iter_parquet(p: Path) -> Iterator[tuple[int, Any]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     index = 0
-    for batch in pq.ParquetFile(p).iter_batches(batch_size=_BATCH_ROWS):
-        for record in batch.to_pylist():
-            yield index, record
-            index += 1
+    try:
+        for batch in pq.ParquetFile(p).iter_batches(batch_size=_BATCH_ROWS):
+            for record in batch.to_pylist():
+                yield index, record
+                index += 1
+    except (pa.ArrowException, OSError) as err:  # not Parquet, truncated, damaged
+        raise InputError(str(p), index, FILE_FIELD, "unreadable Parquet", "a complete Parquet "
+                         "file", f"{type(err).__name__} after {index} records ({err})",
+                         fix="Rewrite or re-download the file.") from None
 
 
 def _iter_saved_dataset(p: Path) -> Iterator[tuple[int, Any]]:
@@ -87,11 +117,11 @@ def _iter_saved_dataset(p: Path) -> Iterator[tuple[int, Any]]:
     try:
         ds = datasets.load_from_disk(str(p))
     except FileNotFoundError:
-        raise InputError(str(p), 0, "<file>", "not a saved dataset", SUPPORTED,
+        raise InputError(str(p), 0, FILE_FIELD, "not a saved dataset", SUPPORTED,
                          "a directory without dataset_info.json / state.json") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
-            raise InputError(str(p), 0, "<file>", "a DatasetDict without a 'train' split",
+            raise InputError(str(p), 0, FILE_FIELD, "a DatasetDict without a 'train' split",
                              "a Dataset, or a DatasetDict with 'train'", str(list(ds)))
         ds = ds["train"]
     index = 0

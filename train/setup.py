@@ -119,6 +119,11 @@ def class_balance_warning(counts: dict[str, Any], config: TrainConfig) -> str | 
                "(with one class the loss only moves that class relative to z)")
         log.warning(msg)
         return msg
+    if not (config.desirable_weight and config.undesirable_weight):
+        msg = ("a class weight is 0 (--desirable-weight / --undesirable-weight): that class's "
+               "rows do not count in the loss")
+        log.warning(msg)
+        return msg
     ratio = config.desirable_weight * n_d / (config.undesirable_weight * n_u)
     if 1 <= ratio <= 4 / 3:
         return None
