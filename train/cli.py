@@ -4,12 +4,12 @@ defaults live in one place; --config file.yaml sets them too (flags win)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 
 import click
 
-from shared.cli import config_param, setup_logging, user_errors
+from shared.cli import config_param, setup_logging, strict_json, user_errors
+from shared.signals import SignalGuard
 from train.config import OPTIMIZERS, REPORT_TO, SCHEDULERS, TrainConfig
 from train.loss import LOSS_TYPES
 
@@ -35,7 +35,10 @@ HELP = {
     "save_steps": "Checkpoint every N steps (0 = only the final model).",
     "save_total_limit": "Keep the N newest checkpoints (0 = all).",
     "eval_steps": "Evaluate every N steps (0 = at the end only).",
-    "resume_from_checkpoint": "latest (newest in --output) or a checkpoint directory.",
+    "resume_from_checkpoint": "latest (newest in --output) or a checkpoint directory; the "
+                              "settings that decide the result must be the run's own.",
+    "overwrite_output_dir": "Replace an earlier run's outputs in --output (checkpoints, "
+                            "metrics, model); without it such a folder is refused.",
     "lora_r": "LoRA rank; > 0 trains adapters through peft.",
     "lora_target_modules": "all-linear or a comma-separated list of module names.",
     "merge_lora": "Also save the merged model (adapters are always saved).",
@@ -64,18 +67,19 @@ def _run(verbose: bool, **options) -> None:
     setup_logging(verbose)
     from train.trainer import Trainer
 
-    trainer = Trainer(TrainConfig(**options))
-    trainer.setup()
-    try:
-        final = trainer.train()
-        if not trainer.config.eval_only:
-            trainer.save()
-    finally:
-        trainer.cleanup()
+    config = TrainConfig(**options)
+    with SignalGuard() as signals:  # a signal during setup stops at once, cleaning up
+        trainer = Trainer(config, signals=signals)
+        try:
+            trainer.setup()
+            with signals.deferred():  # in the loop: finish the step, save, then stop
+                final = trainer.train()
+                if not config.eval_only:
+                    trainer.save()
+        finally:
+            trainer.cleanup()
     if trainer.accelerator.is_main_process:
-        click.echo(json.dumps({"output": str(trainer.out), **final,
-                               **trainer.timing},
-                              indent=2))
+        click.echo(strict_json({"output": str(trainer.out), **final, **trainer.timing}))
 
 
 main = click.Command(

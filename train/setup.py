@@ -4,7 +4,6 @@ LoRA), optimizer, scheduler; the class-balance warning; the final save."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import math
 from pathlib import Path
@@ -35,9 +34,7 @@ def make_accelerator(config: TrainConfig, out: Path):
     if log_with:
         acc.init_trackers("kto-train", config={k: v for k, v in config.to_dict().items()
                                                if isinstance(v, int | float | str | bool)})
-    if acc.is_main_process:
-        (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    return acc
+    return acc  # train_config.json is written once the run may use --output (run_folder)
 
 
 def load_tokenizer(config: TrainConfig):
