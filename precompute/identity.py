@@ -20,6 +20,7 @@ from shared.fingerprint import (
 )
 from shared.formats import parse_column_map
 from shared.readers import fingerprint_inputs
+from shared.weights import check_weight_files
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def load_tokenizer(path: str) -> Any:
 
     try:
         return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # tokenizers raises a bare Exception for a malformed file
         raise ConfigError(f"cannot load a tokenizer from {path!r}: {err}") from None
 
 
@@ -64,6 +65,7 @@ def check_model_dir(model_dir: Path, model: str) -> None:
     if not any(p.suffix in WEIGHT_SUFFIXES for p in model_dir.rglob("*") if p.is_file()):
         raise ConfigError(f"--model {model}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) "
                           f"in {model_dir}; pass the reference model's folder")
+    check_weight_files(str(model_dir))
 
 
 def library_versions(backend: str) -> dict[str, str]:

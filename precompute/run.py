@@ -30,7 +30,7 @@ from shared.cache import (
     write_json,
     write_shard,
 )
-from shared.errors import CacheError, ConfigError, KtoError
+from shared.errors import CacheError, ConfigError, KtoError, writing
 from shared.fingerprint import sha256_json
 from shared.formats import parse_column_map
 from shared.manifest import check_manifest, load_json_object
@@ -57,9 +57,10 @@ def run(config: PrecomputeConfig, scorer: Scorer | None = None) -> dict[str, Any
     cache_key = sha256_json(identity)
     _claim_output(out, cache_key, config)
     with tempfile.TemporaryDirectory(prefix="kto-precompute-") as tmp:
-        prepared = prepare(config.data, tokenizer, config.tokenize, config.format,
-                           parse_column_map(config.columns), config.skip_invalid,
-                           Path(tmp) / "rows.arrow")
+        spill = Path(tmp) / "rows.arrow"
+        with writing(spill, where="TMPDIR"):
+            prepared = prepare(config.data, tokenizer, config.tokenize, config.format,
+                               parse_column_map(config.columns), config.skip_invalid, spill)
         bounds = shard_bounds(prepared.rows.num_rows, config.shard_size)
         mine = worker_shards(len(bounds), config.num_workers, config.worker_index)
         infos, scored = _write_shards(config, backend, prepared.rows, bounds, mine, cache_key,

@@ -4,7 +4,12 @@ message (no traceback); library code never uses ``assert`` for user input."""
 from __future__ import annotations
 
 import errno
+import os
+import shutil
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 RECORD_FIX = ("Fix the record, map the column with --column, or pass --skip-invalid to count "
               "and skip such records.")
@@ -59,15 +64,45 @@ class StorageError(KtoError):
 
     def __init__(self, path: object, err: OSError, where: str = "--output"):
         self.errno = err.errno
-        reason = err.strerror or str(err)
+        reason = os.strerror(err.errno) if err.errno else (err.strerror or str(err))
         if err.errno in _SPACE:
-            fix = (f"free space on that disk (or raise the quota) or choose another {where}, "
-                   "then rerun the same command: finished work is kept")
+            text = (f"cannot write {path or 'a file'}: {reason}; free space on that disk (or "
+                    f"raise the quota) or choose another {where}, then rerun the same command: "
+                    "finished work is kept")
         elif err.errno in _ACCESS:
-            fix = f"choose a folder you can write ({where}) or fix its permissions"
+            text = (f"cannot access {path or 'a file'}: {reason}; check its permissions, or "
+                    f"choose a folder you can write ({where})")
         else:
-            fix = f"check the path given as {where}"
-        super().__init__(f"cannot write {path or 'a file'}: {reason}; {fix}")
+            text = f"{path or 'a file'}: {reason}; check the path given as {where}"
+        super().__init__(text)
+
+
+@contextmanager
+def writing(path: object, where: str = "--output") -> Iterator[None]:
+    """Report a write that failed for a reason of the machine as a StorageError naming
+    ``path``: an OSError with such an errno, or a library's own error (torch.save says
+    only "unexpected pos ...") when the disk is found full."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        raise StorageError(path, err, where) from None
+    except KtoError:
+        raise
+    except Exception:  # torch.save's RuntimeError, safetensors' SafetensorError, ...
+        if not disk_full(Path(str(path))):
+            raise
+        raise StorageError(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+                           where) from None
+
+
+def disk_full(path: Path, margin: int = 1 << 20) -> bool:
+    """Less than ``margin`` bytes left on the disk holding ``path`` (or its nearest parent)."""
+    for folder in (path, *path.parents):
+        if folder.exists():
+            return shutil.disk_usage(folder).free < margin
+    return False
 
 
 class Interrupted(KtoError):

@@ -23,21 +23,26 @@ def iter_records(path: str) -> Iterator[tuple[int, Any]]:
     line that does not parse is yielded as an ``InputError`` in place of the record,
     so the caller decides whether it stops the run or is counted and skipped."""
     p = Path(path)
-    if p.is_dir():
-        yield from _iter_saved_dataset(p)
-    elif not p.exists():
-        raise InputError(path, 0, FILE_FIELD, "file not found", SUPPORTED, "a missing path",
-                         fix="Check the --data path.")
-    elif p.suffix == ".jsonl":
-        yield from _iter_jsonl(p)
-    elif p.suffix == ".json":
-        yield from _iter_json(p)
-    elif p.suffix == ".parquet":
-        yield from _iter_parquet(p)
-    else:
-        raise InputError(path, 0, FILE_FIELD, "unsupported file type", SUPPORTED,
-                         repr(p.suffix), fix="Convert it to one of these, or rename a JSON "
-                         "lines file to .jsonl.")
+    try:
+        if p.is_dir():
+            yield from _iter_saved_dataset(p)
+        elif not p.exists():
+            raise InputError(path, 0, FILE_FIELD, "file not found", SUPPORTED, "a missing path",
+                             fix="Check the --data path.")
+        elif p.suffix == ".jsonl":
+            yield from _iter_jsonl(p)
+        elif p.suffix == ".json":
+            yield from _iter_json(p)
+        elif p.suffix == ".parquet":
+            yield from _iter_parquet(p)
+        else:
+            raise InputError(path, 0, FILE_FIELD, "unsupported file type", SUPPORTED,
+                             repr(p.suffix), fix="Convert it to one of these, or rename a JSON "
+                             "lines file to .jsonl.")
+    except OSError as err:  # no permission, a directory where a file should be, I/O error
+        raise InputError(path, 0, FILE_FIELD, "cannot read the file", "a readable file",
+                         err.strerror or str(err),
+                         fix="Check the file's permissions and the --data path.") from None
 
 
 def _iter_jsonl(p: Path) -> Iterator[tuple[int, Any]]:

@@ -1,6 +1,7 @@
 """Signals a batch scheduler or a user sends to stop a job: SIGTERM (Slurm, Kubernetes,
 PBS on preemption or at the time limit, before SIGKILL), SIGINT (Ctrl-C), SIGHUP (the
-terminal closed), SIGUSR1/SIGUSR2 (Slurm's ``--signal``, SGE's ``-notify`` warnings).
+terminal closed), SIGUSR1/SIGUSR2 (Slurm's ``--signal``, SGE's ``-notify`` warnings),
+SIGXCPU (a CPU-time limit: LSF, ``ulimit -t``).
 
 Python's default for most of them is to die on the spot, leaving temporary files
 behind. A ``SignalGuard`` turns them into an ``Interrupted`` exception instead, so
@@ -23,7 +24,7 @@ from shared.errors import Interrupted
 
 log = logging.getLogger(__name__)
 STOP_SIGNALS = tuple(getattr(signal, name) for name in
-                     ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2")
+                     ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGXCPU")
                      if hasattr(signal, name))
 
 

@@ -15,7 +15,8 @@ def assert_clean_error(result, *fragments: str, code: int = 1) -> str:
     assert result.exit_code == code, (result.exit_code, result.output, result.exception)
     assert isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in result.output
-    [line] = [x for x in result.output.splitlines() if x.startswith("Error: ")]
+    # stderr is mixed in: a progress bar may precede the message on its line
+    [line] = [x[x.index("Error: "):] for x in result.output.splitlines() if "Error: " in x]
     for fragment in fragments:
         assert fragment in line, (fragment, line)
     return line

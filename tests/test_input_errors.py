@@ -190,7 +190,7 @@ def test_tokenizer_only_folder_as_model_fails_before_tokenization(tiny_dir, tmp_
 def test_unwritable_output_is_one_line(tiny_dir, tmp_path):
     data = synthetic(tmp_path, n=4)
     assert_clean_error(cli(tiny_dir, [data], "/sys/kto-cache-test/out"),
-                       "cannot write /sys/kto-cache-test", "choose a folder you can write")
+                       "cannot access /sys/kto-cache-test", "choose a folder you can write")
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")

@@ -252,3 +252,30 @@ def test_external_sigterm_during_training(setup, tmp_path):
     step = int(saved.split("-")[1])
     assert 3 <= step < 60 and read_metrics(out)[-1]["step"] == step
     assert not list(tmpdir.iterdir())
+
+
+# ---- item 13: a full disk during a run ---------------------------------------------------
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs (needs root and a kernel that allows the mount)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
+                           capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    yield disk
+    subprocess.run(["umount", "--lazy", str(disk)], check=True)
+
+
+def test_full_disk_at_a_checkpoint_is_one_line_and_the_rerun_finishes(setup, small_disk):
+    out = small_disk / "x"
+    full = train(setup, out, "--max-steps", "4", "--save-steps", "2")
+    assert_clean_error(full, f"cannot write {out / 'checkpoint-2'}: No space left on device",
+                       "free space on that disk")
+    assert not list(out.glob("*checkpoint-*"))  # the half-written one is gone
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    again = train(setup, out, "--max-steps", "4", "--save-steps", "2",
+                  "--resume-from-checkpoint", "latest")
+    assert again.exit_code == 0, again.output
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.cache import write_json
-from shared.errors import ConfigError, KtoError, StorageError
+from shared.errors import ConfigError, KtoError, StorageError, writing
 from shared.manifest import load_json_object
 
 log = logging.getLogger(__name__)
@@ -61,22 +61,26 @@ class Checkpointer:
             return final
         partial = self.out / f".checkpoint-{step}.partial"
         try:
-            if self.acc.is_main_process and partial.exists():
-                shutil.rmtree(partial)
-            self.acc.wait_for_everyone()
-            self.acc.save_state(str(partial))
-            self.acc.wait_for_everyone()
-            if self.acc.is_main_process:
-                write_json(partial / STATE, {"global_step": step, "epoch": epoch,
-                                             "run": self.run})
-                if final.exists():  # an incomplete one from before
-                    shutil.rmtree(final)
-                os.replace(partial, final)
-                self._prune()
-        except OSError as err:
-            raise StorageError(final, err) from None
+            with writing(final):
+                self._write(partial, final, step, epoch)
+        except StorageError:
+            shutil.rmtree(partial, ignore_errors=True)  # free what the failed write took
+            raise
         self.acc.wait_for_everyone()
         return final
+
+    def _write(self, partial: Path, final: Path, step: int, epoch: float) -> None:
+        if self.acc.is_main_process and partial.exists():
+            shutil.rmtree(partial)
+        self.acc.wait_for_everyone()
+        self.acc.save_state(str(partial))
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            write_json(partial / STATE, {"global_step": step, "epoch": epoch, "run": self.run})
+            if final.exists():  # an incomplete one from before
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            self._prune()
 
     def _prune(self) -> None:
         if self.total_limit > 0:
@@ -88,7 +92,7 @@ class Checkpointer:
         step = read_trainer_state(path)["global_step"]
         try:
             self.acc.load_state(str(path))
-        except (OSError, RuntimeError, ValueError, KeyError) as err:
+        except Exception as err:  # torch, safetensors and pickle each raise their own
             raise ConfigError(f"cannot load the checkpoint {path} ({type(err).__name__}: "
                               f"{str(err)[:200]}): it is damaged or from another setup; resume "
                               "from an earlier one (--resume-from-checkpoint PATH) or start "

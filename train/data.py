@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import torch
 
 from shared.cache import verify_cache
-from shared.errors import CacheError
+from shared.errors import CacheError, writing
 from shared.fingerprint import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def open_cache(directory: str, tokenizer: Any, spill: Path) -> CacheRows:
             f"{directory} was tokenized with another tokenizer (cache fingerprint {theirs[:12]}, "
             f"policy tokenizer {mine[:12]}); rebuild the cache with the policy's tokenizer "
             "(kto-precompute --tokenizer) or pass the matching --tokenizer")
-    with pa.OSFile(str(spill), "wb") as sink:
+    with writing(spill, where="TMPDIR"), pa.OSFile(str(spill), "wb") as sink:
         writer = None
         for shard in manifest["shards"]:
             table = pq.read_table(Path(directory) / shard["name"], columns=list(COLUMNS))

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from shared.errors import KtoError, StorageError
+from shared.errors import KtoError, writing
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +63,14 @@ class MetricsFile:
     def __init__(self, path: Path, resume_step: int | None) -> None:
         self.path = path
         kept = kept_records(path, resume_step) if resume_step and path.is_file() else []
-        try:
+        with writing(path):
             path.write_text("".join(line + "\n" for line in kept))
-        except OSError as err:
-            raise StorageError(path, err) from None
 
     def write(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                  for k, v in record.items()}
-        try:
-            with self.path.open("a") as f:
-                f.write(json.dumps(clean, allow_nan=False) + "\n")
-        except OSError as err:
-            raise StorageError(self.path, err) from None
+        with writing(self.path), self.path.open("a") as f:
+            f.write(json.dumps(clean, allow_nan=False) + "\n")
 
 
 def kept_records(path: Path, resume_step: int) -> list[str]:

@@ -42,7 +42,7 @@ def load_tokenizer(config: TrainConfig):
 
     try:
         return AutoTokenizer.from_pretrained(config.tokenizer or config.model)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # tokenizers raises a bare Exception for a malformed file
         raise ConfigError(f"cannot load a tokenizer from {config.tokenizer or config.model!r}: "
                           f"{err}") from None
 

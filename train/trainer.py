@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from shared.errors import Interrupted, KtoError
+from shared.errors import Interrupted, KtoError, writing
 from shared.logprobs import tail_logps
 from shared.signals import SignalGuard
+from shared.weights import check_weight_files
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig
 from train.data import CacheRows, collate, epoch_order, micro_batch_rows, open_cache
@@ -107,6 +108,7 @@ class Trainer:
         identity = run_identity(c, self.rows.manifest,
                                 self.eval_rows.manifest if self.eval_rows else None, world)
         plan = plan_run(self.out, c, identity)  # before anything in --output changes
+        check_weight_files(c.model)
         model = load_policy(c)
         self.keep_tail = accepts_logits_to_keep(model)
         optimizer = build_optimizer(model, c)
@@ -268,7 +270,8 @@ class Trainer:
 
     # ---- save and clean up ----------------------------------------------------------
     def save(self) -> None:
-        save_final(self.accelerator, self.model, self.tokenizer, self.config, self.out)
+        with writing(self.out):
+            save_final(self.accelerator, self.model, self.tokenizer, self.config, self.out)
 
     def cleanup(self) -> None:
         """Safe after a partial setup: the temporary copy of the cache always goes."""
