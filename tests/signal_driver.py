@@ -3,6 +3,7 @@ point, as a scheduler would (the handlers under test are the CLIs' own).
 
 usage: python signal_driver.py POINT N SIGNAL [command args...]
   train-step          during optimizer step N + 1 (before its weights change)
+  train-step-rank1    the same, in the process of rank 1 only (torchrun's RANK)
   train-setup         after the cache was copied to the temporary folder
   precompute-shard    after shard N + 1 was written to its temporary name
   precompute-prepare  after the first chunk of rows was spilled to the temporary file"""
@@ -21,11 +22,12 @@ def send():
 def patch_train(point, n):
     import train.trainer as trainer_module
 
-    if point == "train-step":
+    if point.startswith("train-step"):
         original = trainer_module.Trainer._optimizer_step
+        mine = point == "train-step" or os.environ.get("RANK") == "1"
 
         def step(self):
-            if self.step == n:
+            if self.step == n and mine:
                 send()
             return original(self)
         trainer_module.Trainer._optimizer_step = step

@@ -222,6 +222,36 @@ def test_signal_mid_step_saves_a_checkpoint_and_resume_is_exact(setup, uninterru
     assert [m["step"] for m in read_metrics(out)] == list(range(1, 9))
 
 
+def test_a_signal_to_one_process_stops_every_process_at_the_same_step(setup, uninterrupted,
+                                                                      tmp_path):
+    """2 processes: only rank 1 gets SIGTERM (in step 3); both stop after step 3 with one
+    complete checkpoint, and the resumed run equals the uninterrupted one."""
+    out, tmpdir = tmp_path / "x", tmp_path / "tmp"
+    tmpdir.mkdir()
+    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
+              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no"]
+    argv = ["--model", str(setup["policy"]), "--cache", str(setup["cache"]), "--output",
+            str(out), "--learning-rate", "1e-3", "--per-device-train-batch-size", "2",
+            "--logging-steps", "1", "--max-steps", "8"]
+    env = {**os.environ, "TMPDIR": str(tmpdir)}
+    proc = subprocess.run([*launch, str(TESTS / "signal_driver.py"), "train-step-rank1", "2",
+                           "SIGTERM", *argv], capture_output=True, text=True, env=env,
+                          cwd=TESTS.parent, timeout=600)
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    assert "stopped by SIGTERM after step 3 of 8" in proc.stderr  # rank 1
+    assert "stopped by a signal on another process after step 3 of 8" in proc.stderr  # rank 0
+    assert checkpoints(out) == ["checkpoint-3"]
+    assert {p.name for p in (out / "checkpoint-3").glob("random_states_*")} == {
+        "random_states_0.pkl", "random_states_1.pkl"}
+    assert not [p for p in tmpdir.iterdir() if p.name.startswith("kto-train-")]
+    resumed = subprocess.run([*launch, "-m", "train.cli", *argv, "--resume-from-checkpoint",
+                              "latest"], capture_output=True, text=True, env=env,
+                             cwd=TESTS.parent, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_weights_close(final_weights(out), final_weights(uninterrupted))
+
+
 def test_sigterm_during_setup_leaves_nothing_behind(setup, tmp_path):
     out, tmpdir = tmp_path / "x", tmp_path / "tmp"
     tmpdir.mkdir()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from contextlib import nullcontext
 
 import click
 
@@ -72,7 +73,9 @@ def _run(verbose: bool, **options) -> None:
         trainer = Trainer(config, signals=signals)
         try:
             trainer.setup()
-            with signals.deferred():  # in the loop: finish the step, save, then stop
+            # training: a signal finishes the step and saves a checkpoint; evaluation alone
+            # has nothing to save, so a signal stops it at once
+            with nullcontext() if config.eval_only else signals.deferred():
                 final = trainer.train()
                 if not config.eval_only:
                     trainer.save()
