@@ -33,6 +33,7 @@ from shared.cache import (
 from shared.errors import CacheError, ConfigError, KtoError, writing
 from shared.fingerprint import sha256_json
 from shared.formats import parse_column_map
+from shared.lock import FolderLock
 from shared.manifest import check_manifest, load_json_object
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,15 @@ def run(config: PrecomputeConfig, scorer: Scorer | None = None) -> dict[str, Any
     started by the caller (kept open), e.g. to score several datasets with one vLLM."""
     started = time.monotonic()
     out = Path(config.output)
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+    lock = out / f".kto-precompute-worker-{config.worker_index:05d}.lock"
+    with FolderLock(lock, f"--output {out} (worker {config.worker_index})"):
+        return _run_locked(config, scorer, out, started)
+
+
+def _run_locked(config: PrecomputeConfig, scorer: Scorer | None, out: Path,
+                started: float) -> dict[str, Any]:
     tokenizer = load_tokenizer(config.tokenizer_path)
     backend = resolve_backend(config.backend)
     identity = cache_identity(config, backend, tokenizer)

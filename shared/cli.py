@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +33,7 @@ def load_config_file(ctx: click.Context, _param: click.Parameter, value: str | N
 
     try:
         data = yaml.safe_load(Path(value).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise click.BadParameter(f"cannot read {value}: {err}") from None
     if not isinstance(data, dict):
         raise click.BadParameter(f"{value}: expected a mapping of option names to values")
@@ -71,6 +72,9 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise _exit_with(str(err), err.exit_code) from None
         except KtoError as err:
             raise click.ClickException(str(err)) from None
+        except BrokenPipeError:  # stdout closed early (`... | head`): quiet, as a shell tool
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(128 + 13)  # SIGPIPE's status
         except OSError as err:
             if err.errno not in ENVIRONMENT_ERRNOS:
                 raise

@@ -4,7 +4,11 @@ checkpoints, option values that failed deep inside a run, each a clean line."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -80,3 +84,60 @@ def test_option_values_fail_early_or_work(setup, tmp_path, option, value, fragme
         assert result.exit_code == 0, result.output
     else:
         assert_clean_error(result, fragment)
+
+
+def test_a_second_job_on_the_same_output_is_refused(setup, tiny_dir, tmp_path):
+    """A double submission or a requeue while the first job runs: the folder lock (held
+    here, as the first job would) refuses the second before it writes anything."""
+    from shared.lock import FolderLock
+
+    out = tmp_path / "t"
+    out.mkdir()
+    with FolderLock(out / ".kto-train.lock", "first"):
+        result = CliRunner().invoke(train_main, run_args(setup, out))
+        assert_clean_error(result, f"--output {out} is in use by pid {os.getpid()}")
+    assert not (out / "train_config.json").exists()
+    assert CliRunner().invoke(train_main, run_args(setup, out)).exit_code == 0  # released
+    data = synthetic(tmp_path, n=4)
+    cache = tmp_path / "c"
+    cache.mkdir()
+    with FolderLock(cache / ".kto-precompute-worker-00000.lock", "first"):
+        result = CliRunner().invoke(precompute_main, ["--model", str(tiny_dir), "--data",
+                                                      str(data), "--output", str(cache),
+                                                      "--backend", "hf"])
+        assert_clean_error(result, f"--output {cache} (worker 0) is in use by pid")
+
+
+def test_the_lock_of_a_killed_job_is_released(tmp_path):
+    code = ("import sys, time; sys.path.insert(0, '.'); from shared.lock import FolderLock; "
+            f"FolderLock(__import__('pathlib').Path('{tmp_path}/.lock'), 'x').acquire(); "
+            "print('locked', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).parents[1])
+    assert proc.stdout.readline().strip() == "locked"
+    from shared.errors import ConfigError
+    from shared.lock import FolderLock
+
+    with pytest.raises(ConfigError, match="in use by pid"):
+        FolderLock(tmp_path / ".lock", "x").acquire()
+    proc.kill()
+    proc.wait()
+    FolderLock(tmp_path / ".lock", "x").acquire().release()
+
+
+def test_stdout_closed_early_is_quiet(setup):
+    proc = subprocess.Popen([sys.executable, "-m", "precompute.cli", "verify",
+                             str(setup["cache"])], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=Path(__file__).parents[1])
+    proc.stdout.close()  # as `| head` would, before anything is printed
+    stderr = proc.stderr.read().decode()
+    assert proc.wait() == 141 and "Traceback" not in stderr and "Exception" not in stderr
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(setup, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_bytes(b"beta: 0.1\nnote: caf\xe9\n")
+    result = CliRunner().invoke(train_main, ["--config", str(config), *run_args(setup,
+                                                                              tmp_path / "o")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"cannot read {config}" in result.output

@@ -16,9 +16,11 @@ from typing import Any
 from shared.cache import write_json
 from shared.errors import ConfigError
 from shared.fingerprint import sha256_json
+from shared.lock import FolderLock
 from shared.manifest import load_json_object
 from train.checkpoint import checkpoint_dirs, list_checkpoints, read_trainer_state
 from train.config import TrainConfig
+from train.guard import any_process
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "train_config.json"
@@ -172,3 +174,17 @@ def start_run(accelerator, out: Path, config: TrainConfig, plan: Plan) -> None:
             shutil.rmtree(partial)
         write_json(out / CONFIG_FILE, config.to_dict())
     accelerator.wait_for_everyone()
+
+
+def lock_output(accelerator, out: Path) -> FolderLock | None:
+    """The main process locks --output for the run (released by the kernel even on
+    SIGKILL); every process stops when it could not."""
+    lock, error = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = FolderLock(out / ".kto-train.lock", f"--output {out}").acquire()
+        except ConfigError as err:
+            error = err
+    if any_process(accelerator.gather, error is not None, accelerator.device):
+        raise error or ConfigError(f"--output {out} is in use by another run")
+    return lock

@@ -29,7 +29,7 @@ from train.data import CacheRows, collate, epoch_order, micro_batch_rows, open_c
 from train.guard import NonFiniteLossError, any_process, check_grad_norm, check_rows
 from train.loss import KTOLossOutput, estimate_kl, kto_loss
 from train.metrics import MetricsFile, MetricWindow
-from train.run_folder import plan_run, run_identity, start_run
+from train.run_folder import lock_output, plan_run, run_identity, start_run
 from train.setup import (
     build_optimizer,
     build_scheduler,
@@ -90,6 +90,7 @@ class Trainer:
         c = self.config
         self.out.mkdir(parents=True, exist_ok=True)
         self.accelerator = make_accelerator(c, self.out)
+        self._lock = lock_output(self.accelerator, self.out)  # one run at a time in --output
         self.tokenizer = load_tokenizer(c)
         self.rows = open_cache(c.cache, self.tokenizer, Path(self._tmp.name) / "train.arrow")
         self.eval_rows = (open_cache(c.eval_cache, self.tokenizer,
@@ -280,3 +281,5 @@ class Trainer:
                 self.accelerator.end_training()
         finally:
             self._tmp.cleanup()
+            if getattr(self, "_lock", None) is not None:
+                self._lock.release()

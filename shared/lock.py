@@ -1,0 +1,46 @@
+"""One writer per folder (or per worker part of a shared cache folder): an advisory
+``flock`` on a hidden lock file, taken without waiting. A second job started on the same
+output (a double submission, a scheduler's requeue while the first still runs) is refused
+instead of interleaving its files with the first's. The kernel releases the lock when the
+process dies, even by SIGKILL, so a rerun after a crash is never blocked by a stale lock."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+from pathlib import Path
+
+from shared.errors import ConfigError, writing
+
+
+class FolderLock:
+    def __init__(self, path: Path, what: str):
+        self.path, self.what = path, what
+        self._fd: int | None = None
+
+    def acquire(self) -> FolderLock:
+        with writing(self.path):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ConfigError(f"{self.what} is in use by {holder} (lock {self.path}); wait for "
+                              "that run to end, or choose another folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
