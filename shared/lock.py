@@ -7,11 +7,14 @@ process dies, even by SIGKILL, so a rerun after a crash is never blocked by a st
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import socket
 from pathlib import Path
 
 from shared.errors import ConfigError, writing
+
+log = logging.getLogger(__name__)
 
 
 class FolderLock:
@@ -29,6 +32,11 @@ class FolderLock:
             os.close(fd)
             raise ConfigError(f"{self.what} is in use by {holder} (lock {self.path}); wait for "
                               "that run to end, or choose another folder") from None
+        except OSError as err:  # a filesystem without locks (Lustre without -o flock, ...)
+            os.close(fd)
+            log.warning("cannot lock %s (%s): a second job on the same folder would not be "
+                        "refused", self.path, err.strerror)
+            return self
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self._fd = fd

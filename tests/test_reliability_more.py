@@ -141,3 +141,18 @@ def test_a_config_file_that_is_not_utf8_is_one_line(setup, tmp_path):
                                                                               tmp_path / "o")])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert f"cannot read {config}" in result.output
+
+
+def test_a_filesystem_without_locks_warns_and_goes_on(tmp_path, monkeypatch, caplog):
+    """Lustre without -o flock answers flock() with ENOSYS: no lock, a warning, no crash
+    (simulated: this machine's filesystems all support locks)."""
+    import errno
+    import fcntl
+
+    from shared.lock import FolderLock
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    FolderLock(tmp_path / ".lock", "x").acquire().release()
+    assert "cannot lock" in caplog.text and "Function not implemented" in caplog.text
