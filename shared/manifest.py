@@ -31,6 +31,7 @@ _FIELDS: dict[str, type | tuple[type, ...]] = {
     "counts.undesirable": int, "counts.invalid": int, "counts.invalid_by_reason": dict,
 }
 _SHARD_FIELDS = {"name": str, "rows": int, "tokens": int, "sha256": str}
+_FILE_FIELDS = {"path": str, "records": int, "format": str}
 
 
 def shard_name(index: int, total: int) -> str:
@@ -76,6 +77,10 @@ def check_manifest(manifest: dict[str, Any], path: Path) -> dict[str, Any]:
             _bad(path, f"{where}.sha256", entry["sha256"], "64 hexadecimal digits")
         if entry["rows"] < 0 or entry["tokens"] < 0:
             _bad(path, f"{where}.rows", entry["rows"], "non-negative counts")
+    for i, entry in enumerate(manifest["data"]["files"]):
+        _check_type(entry, dict, f"data.files[{i}]", path)
+        for name, kind in _FILE_FIELDS.items():
+            _check_type(entry.get(name), kind, f"data.files[{i}].{name}", path)
     names = [e["name"] for e in manifest["shards"]]
     if len(set(names)) != len(names):
         _bad(path, "shards", sorted(n for n in names if names.count(n) > 1), "unique shard names")

@@ -139,11 +139,16 @@ def test_verify_and_rerun_explain_a_broken_manifest(tiny_dir, clean, tmp_path, c
     assert_clean_error(result, fragment, "pass --overwrite")
 
 
-def test_verify_refuses_a_manifest_without_shards(clean, tmp_path):
+@pytest.mark.parametrize("edit,fragment", [
+    (lambda m: m.pop("shards"), "field 'shards' is missing"),
+    (lambda m: m["data"]["files"][0].pop("records"), "field 'data.files[0].records' is missing"),
+    (lambda m: m["counts"].update(rows="20"), "field 'counts.rows' is '20'"),
+])
+def test_verify_refuses_a_manifest_with_a_missing_or_wrong_field(clean, tmp_path, edit,
+                                                                 fragment):
     cache = copy_cache(clean, tmp_path)
-    edit_json(cache / "manifest.json", lambda m: m.pop("shards"))
-    assert_clean_error(CliRunner().invoke(main, ["verify", str(cache)]),
-                       "field 'shards' is missing")
+    edit_json(cache / "manifest.json", edit)
+    assert_clean_error(CliRunner().invoke(main, ["verify", str(cache)]), fragment)
 
 
 @pytest.fixture()
