@@ -23,6 +23,24 @@ class FolderLock:
         self._fd: int | None = None
 
     def acquire(self) -> FolderLock:
+        while True:  # the holder unlinks the file before releasing: lock the file in place
+            fd = self._open_and_lock()
+            if fd is None:
+                return self
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def _open_and_lock(self) -> int | None:
+        """A descriptor holding the lock; None where the filesystem has no locks."""
         with writing(self.path):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -36,14 +54,14 @@ class FolderLock:
             os.close(fd)
             log.warning("cannot lock %s (%s): a second job on the same folder would not be "
                         "refused", self.path, err.strerror)
-            return self
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        self._fd = fd
-        return self
+            return None
+        return fd
 
     def release(self) -> None:
+        """Remove the file, then unlock: no lock file is left in the folder (one stays only
+        after a kill, and the next job takes it over)."""
         if self._fd is not None:
+            self.path.unlink(missing_ok=True)
             os.close(self._fd)  # closing releases the flock
             self._fd = None
 

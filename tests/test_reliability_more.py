@@ -98,6 +98,7 @@ def test_a_second_job_on_the_same_output_is_refused(setup, tiny_dir, tmp_path):
         assert_clean_error(result, f"--output {out} is in use by pid {os.getpid()}")
     assert not (out / "train_config.json").exists()
     assert CliRunner().invoke(train_main, run_args(setup, out)).exit_code == 0  # released
+    assert not (out / ".kto-train.lock").exists()  # and removed: no stray file in --output
     data = synthetic(tmp_path, n=4)
     cache = tmp_path / "c"
     cache.mkdir()
