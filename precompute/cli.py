@@ -3,7 +3,6 @@ the library; errors a user can cause print as one line, never a traceback."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -11,8 +10,16 @@ from pathlib import Path
 import click
 
 from precompute.config import BACKENDS, DTYPES, PrecomputeConfig
-from shared.cli import DefaultGroup, config_option, setup_logging, summary_stdout, user_errors
+from shared.cli import (
+    DefaultGroup,
+    config_option,
+    setup_logging,
+    strict_json,
+    summary_stdout,
+    user_errors,
+)
 from shared.formats import SHAPES
+from shared.signals import SignalGuard
 from shared.tokenization import TRUNCATION_MODES, TokenizeOptions
 
 log = logging.getLogger(__name__)
@@ -61,7 +68,9 @@ def main() -> None:
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
               help="Reference dtype. bfloat16 sums drift by nats; see README.")
 @click.option("--max-length", type=int, default=_T.max_length, show_default=True)
-@click.option("--max-prompt-length", type=int, default=_T.max_prompt_length, show_default=True)
+@click.option("--max-prompt-length", type=int, default=None,
+              show_default="half of --max-length",
+              help="Prompt tokens kept when a row is too long (TRL's rule).")
 @click.option("--truncation-mode", type=click.Choice(TRUNCATION_MODES),
               default=_T.truncation_mode, show_default=True)
 @click.option("--seed", type=int, default=_D["seed"].default, show_default=True,
@@ -85,7 +94,7 @@ def main() -> None:
               help="vLLM backend: tokens per engine step; auto = vLLM's default for the device.")
 @click.option("-v", "--verbose", is_flag=True)
 @user_errors
-def run_command(max_length: int, max_prompt_length: int, truncation_mode: str, data: tuple,
+def run_command(max_length: int, max_prompt_length: int | None, truncation_mode: str, data: tuple,
                 format_: str, verbose: bool, **options) -> None:
     """Score a dataset under the reference model and write the cache."""
     setup_logging(verbose)
@@ -98,9 +107,9 @@ def run_command(max_length: int, max_prompt_length: int, truncation_mode: str, d
     config = PrecomputeConfig(
         data=tuple(data), format=format_,
         tokenize=TokenizeOptions(max_length, max_prompt_length, truncation_mode), **options)
-    with summary_stdout() as stdout:
+    with summary_stdout() as stdout, SignalGuard():
         summary = run(config)
-    click.echo(json.dumps(summary, indent=2), file=stdout)
+    click.echo(strict_json(summary), file=stdout)
 
 
 @main.command("combine")
@@ -114,7 +123,8 @@ def combine_command(output: str, parts: tuple[str, ...], verbose: bool) -> None:
     setup_logging(verbose)
     from precompute.combine import combine
 
-    manifest = combine(Path(output), [Path(p) for p in parts])
+    with SignalGuard():
+        manifest = combine(Path(output), [Path(p) for p in parts])
     click.echo(f"combined {manifest['num_shards']} shards, {manifest['counts']['rows']} rows "
                f"into {output}")
 
@@ -142,7 +152,7 @@ def compare_command(cache_a: str, cache_b: str) -> None:
     rows (e.g. --dtype bfloat16 vs float32, or vLLM vs hf)."""
     from precompute.compare import compare_caches
 
-    click.echo(json.dumps(compare_caches(Path(cache_a), Path(cache_b)), indent=2))
+    click.echo(strict_json(compare_caches(Path(cache_a), Path(cache_b))))
 
 
 if __name__ == "__main__":  # python -m precompute.cli; vLLM spawns workers, so guard it

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from shared.errors import ConfigError
+from shared.errors import ConfigError, check_seed
 from shared.formats import SHAPES
 from shared.tokenization import TokenizeOptions
 
@@ -48,6 +48,7 @@ class PrecomputeConfig:
             raise ConfigError(f"--backend {self.backend!r}: expected {', '.join(BACKENDS)}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r}: expected {', '.join(DTYPES)}")
+        check_seed(self.seed)
         if self.shard_size < 2:
             raise ConfigError(f"--shard-size {self.shard_size}: KL pairing needs at least 2 rows")
         if not 0 <= self.worker_index < self.num_workers:

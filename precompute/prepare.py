@@ -134,7 +134,7 @@ def encode_chunk(pending: list[tuple[Example, RecordRef]], tokenizer: Any,
         except InputError as err:
             bad.setdefault(ex.source_index, err)
     p_all, c_all = encode_texts(tokenizer, [r[2] for r in rendered], [r[3] for r in rendered])
-    rows = []
+    rows, refs = [], {}
     for (ex, ref, _, _), p_ids, c_ids in zip(rendered, p_all, c_all, strict=True):
         p_ids, c_ids = truncate(p_ids, c_ids, opts)
         err = check_lengths(p_ids, c_ids, ref, opts)
@@ -142,6 +142,23 @@ def encode_chunk(pending: list[tuple[Example, RecordRef]], tokenizer: Any,
             bad.setdefault(ex.source_index, err)
             continue
         rows.append(TokenizedRow(row_id(ex), ex.source_index, ex.label, p_ids, c_ids))
+        refs[ex.source_index] = ref
+    for source_index, err in _identical_after_truncation(rows, refs, opts).items():
+        bad.setdefault(source_index, err)
     for source_index in sorted(bad):
         invalid.add(bad[source_index])
     return [r for r in rows if r.source_index not in bad]
+
+
+def _identical_after_truncation(rows: list[TokenizedRow], refs: dict[int, RecordRef],
+                                opts: TokenizeOptions) -> dict[int, InputError]:
+    """Pairs whose chosen and rejected differ only past --max-length: after truncation both
+    rows hold the same completion, a degenerate pair (as chosen == rejected)."""
+    sides: dict[int, dict[bool, list[int]]] = {}
+    for r in rows:
+        if r.id.split("-")[1] in ("c", "r"):
+            sides.setdefault(r.source_index, {})[r.label] = r.completion_ids
+    return {i: InputError(refs[i].path, refs[i].index, "rejected", "chosen equals rejected",
+                          "chosen and rejected that differ within --max-length "
+                          f"{opts.max_length}", "identical completions after truncation")
+            for i, pair in sides.items() if len(pair) == 2 and pair[True] == pair[False]}

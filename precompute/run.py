@@ -3,7 +3,6 @@ complete ones from an earlier run), write the manifest, print a summary."""
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import tempfile
@@ -18,13 +17,13 @@ from tqdm.auto import tqdm
 from precompute.config import PrecomputeConfig
 from precompute.identity import cache_identity, library_versions, load_tokenizer
 from precompute.prepare import Prepared, prepare
+from precompute.reuse import recorded_shards, reusable_shard
 from precompute.scoring import Scorer, make_scorer, resolve_backend
-from precompute.shards import score_shard, shard_bounds, worker_shards
+from precompute.shards import pair_shard, score_shard, shard_bounds, worker_shards
 from shared import CACHE_FORMAT_VERSION
 from shared.cache import (
     MANIFEST,
     ShardInfo,
-    existing_shard,
     shard_infos,
     shard_name,
     verify_cache,
@@ -32,9 +31,11 @@ from shared.cache import (
     write_shard,
 )
 from shared.card import is_card, write_card
-from shared.errors import CacheError, ConfigError
+from shared.errors import CacheError, ConfigError, KtoError, writing
 from shared.fingerprint import sha256_json
 from shared.formats import parse_column_map
+from shared.lock import FolderLock
+from shared.manifest import check_manifest, load_json_object
 
 log = logging.getLogger(__name__)
 _SHARD = re.compile(r"^shard-(\d{5})-of-\d{5}\.parquet$")
@@ -51,16 +52,25 @@ def run(config: PrecomputeConfig, scorer: Scorer | None = None) -> dict[str, Any
     started by the caller (kept open), e.g. to score several datasets with one vLLM."""
     started = time.monotonic()
     out = Path(config.output)
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+    lock = out / f".kto-precompute-worker-{config.worker_index:05d}.lock"
+    with FolderLock(lock, f"--output {out} (worker {config.worker_index})"):
+        return _run_locked(config, scorer, out, started)
+
+
+def _run_locked(config: PrecomputeConfig, scorer: Scorer | None, out: Path,
+                started: float) -> dict[str, Any]:
     tokenizer = load_tokenizer(config.tokenizer_path)
     backend = resolve_backend(config.backend)
     identity = cache_identity(config, backend, tokenizer)
     cache_key = sha256_json(identity)
     _claim_output(out, cache_key, config)
     with tempfile.TemporaryDirectory(prefix="kto-precompute-") as tmp:
-        prepared = prepare(config.data, tokenizer, config.tokenize, config.format,
-                           parse_column_map(config.columns), config.skip_invalid,
-                           Path(tmp) / "rows.arrow")
+        spill = Path(tmp) / "rows.arrow"
+        with writing(spill, where="TMPDIR"):
+            prepared = prepare(config.data, tokenizer, config.tokenize, config.format,
+                               parse_column_map(config.columns), config.skip_invalid, spill)
         bounds = shard_bounds(prepared.rows.num_rows, config.shard_size)
         mine = worker_shards(len(bounds), config.num_workers, config.worker_index)
         infos, scored = _write_shards(config, backend, prepared.rows, bounds, mine, cache_key,
@@ -82,7 +92,13 @@ def _claim_output(out: Path, cache_key: str, config: PrecomputeConfig) -> None:
                 f.unlink()
         return
     manifest = out / MANIFEST
-    if manifest.is_file() and json.loads(manifest.read_text()).get("cache_key") != cache_key:
+    if not manifest.is_file():
+        return
+    try:
+        key = check_manifest(load_json_object(manifest), manifest)["cache_key"]
+    except KtoError as err:
+        raise CacheError(f"{err}; or pass --overwrite to rebuild the cache in {out}") from None
+    if key != cache_key:
         raise CacheError(f"{out} already holds a cache made with other settings; use a new "
                          "--output directory or pass --overwrite")
 
@@ -97,13 +113,7 @@ def _owned_by(name: str, num_workers: int, worker_index: int) -> bool:
 def _write_shards(config: PrecomputeConfig, backend: str, rows: pa.Table,
                   bounds: list[tuple[int, int]], mine: list[int], cache_key: str,
                   out: Path, scorer: Scorer | None) -> tuple[list[ShardInfo], dict[str, float]]:
-    infos: dict[int, ShardInfo] = {}
-    for s in mine:
-        for stale in out.glob(f".{shard_name(s, len(bounds))}.tmp-*"):  # a killed run's
-            stale.unlink()
-        info = existing_shard(out, shard_name(s, len(bounds)), cache_key)
-        if info is not None:
-            infos[s] = info
+    infos = _reusable(config, rows, bounds, mine, cache_key, out)
     todo = [s for s in mine if s not in infos]
     if infos:
         log.info("reusing %d complete shard(s) from an earlier run", len(infos))
@@ -117,6 +127,28 @@ def _write_shards(config: PrecomputeConfig, backend: str, rows: pa.Table,
             if own:
                 scorer.close()
     return [infos[s] for s in mine], scored
+
+
+def _reusable(config: PrecomputeConfig, rows: pa.Table, bounds: list[tuple[int, int]],
+              mine: list[int], cache_key: str, out: Path) -> dict[int, ShardInfo]:
+    """This worker's intact shards from an earlier run; damaged ones are removed."""
+    manifests = (MANIFEST, part_manifest_name(config.num_workers, config.worker_index))
+    recorded = recorded_shards(out, manifests, cache_key)
+    infos: dict[int, ShardInfo] = {}
+    for s in mine:
+        name = shard_name(s, len(bounds))
+        for stale in out.glob(f".{name}.tmp-*"):  # a killed run's
+            stale.unlink()
+        if not (out / name).is_file():
+            continue
+        start, stop = bounds[s]
+        expected = pair_shard(rows.slice(start, stop - start), s, config.seed,
+                              config.tokenize.max_length)
+        info = reusable_shard(out / name, cache_key, expected, recorded.get(name),
+                              folder_is_ours=bool(recorded))
+        if info is not None:
+            infos[s] = info
+    return infos
 
 
 def _start_scorer(config: PrecomputeConfig, backend: str, rows: pa.Table):
@@ -191,7 +223,7 @@ def build_manifest(identity: dict[str, Any], cache_key: str, prepared: Prepared,
 
 def _summary(manifest: dict[str, Any], scored: dict[str, float], seconds: float, out: Path,
              config: PrecomputeConfig) -> dict[str, Any]:
-    rate = scored["seconds"] or float("nan")
+    rate = scored["seconds"]
     return _with_gpu_memory({
         "output": str(out),
         "manifest": part_manifest_name(config.num_workers, config.worker_index),
@@ -206,8 +238,9 @@ def _summary(manifest: dict[str, Any], scored: dict[str, float], seconds: float,
         "tokens_scored_now": scored["tokens"],
         "scoring_seconds": round(scored["seconds"], 2),
         "total_seconds": round(seconds, 2),
-        "rows_per_second": round(scored["rows"] / rate, 1),
-        "tokens_per_second": round(scored["tokens"] / rate, 1),
+        # null when nothing was scored now (every shard reused): JSON has no NaN
+        "rows_per_second": round(scored["rows"] / rate, 1) if rate else None,
+        "tokens_per_second": round(scored["tokens"] / rate, 1) if rate else None,
     })
 
 

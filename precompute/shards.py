@@ -37,30 +37,39 @@ def kl_completions(prompts: Sequence[list[int]], completions: Sequence[list[int]
             for i, j in enumerate(partners)]
 
 
-def score_shard(rows: pa.Table, shard_index: int, seed: int, max_length: int,
-                scorer: Scorer) -> pa.Table:
-    """Pair every row with a KL partner and score target and KL sequences in one call
-    (one scorer call lets it batch and sort all 2n sequences together)."""
+def pair_shard(rows: pa.Table, shard_index: int, seed: int, max_length: int) -> pa.Table:
+    """Every column of a shard but the reference values: the rows with their KL partner
+    and its completion cut to fit (a pure function of the rows, seed and shard index)."""
     prompts = rows["prompt_ids"].to_pylist()
     completions = rows["completion_ids"].to_pylist()
     ids = rows["id"].to_pylist()
     partners = kl_partners(prompts, seed, shard_index)
-    kl = kl_completions(prompts, completions, partners, max_length)
-    scores = scorer.score(list(zip(prompts, completions, strict=True))
-                          + list(zip(prompts, kl, strict=True)))
-    n = len(ids)
-    if not np.isfinite(scores).all():
-        bad = [ids[i % n] for i in np.flatnonzero(~np.isfinite(scores))[:5]]
-        raise ConfigError(f"the reference model gave non-finite log-probs for rows {bad}; "
-                          "check the model weights and --dtype (float32 is the safe choice)")
     return pa.table({
-        "id": ids,
+        "id": pa.array(ids, type=pa.string()),
         "source_index": rows["source_index"],
         "label": rows["label"],
         "prompt_ids": rows["prompt_ids"],
         "completion_ids": rows["completion_ids"],
-        "kl_completion_ids": pa.array(kl, type=pa.list_(pa.int32())),
-        "kl_partner": [ids[j] for j in partners],
-        "ref_logps": pa.array(scores[:n], type=pa.float64()),
-        "ref_kl_logps": pa.array(scores[n:], type=pa.float64()),
+        "kl_completion_ids": pa.array(kl_completions(prompts, completions, partners, max_length),
+                                      type=pa.list_(pa.int32())),
+        "kl_partner": pa.array([ids[j] for j in partners], type=pa.string()),
     })
+
+
+def score_shard(rows: pa.Table, shard_index: int, seed: int, max_length: int,
+                scorer: Scorer) -> pa.Table:
+    """Pair every row with a KL partner and score target and KL sequences in one call
+    (one scorer call lets it batch and sort all 2n sequences together)."""
+    table = pair_shard(rows, shard_index, seed, max_length)
+    prompts = table["prompt_ids"].to_pylist()
+    scores = scorer.score(list(zip(prompts, table["completion_ids"].to_pylist(), strict=True))
+                          + list(zip(prompts, table["kl_completion_ids"].to_pylist(),
+                                     strict=True)))
+    n = table.num_rows
+    if not np.isfinite(scores).all():
+        ids = table["id"].to_pylist()
+        bad = [ids[i % n] for i in np.flatnonzero(~np.isfinite(scores))[:5]]
+        raise ConfigError(f"the reference model gave non-finite log-probs for rows {bad}; "
+                          "check the model weights and --dtype (float32 is the safe choice)")
+    return (table.append_column("ref_logps", pa.array(scores[:n], type=pa.float64()))
+            .append_column("ref_kl_logps", pa.array(scores[n:], type=pa.float64())))

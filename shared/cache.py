@@ -1,6 +1,6 @@
 """The cache on disk (spec section 4): Parquet shards with a fixed schema, written
 atomically, and a manifest that lists each shard with its rows, tokens and SHA-256.
-``verify_cache`` is what both `kto-precompute verify` and kto-train call."""
+``verify_cache`` is what `kto-precompute verify`, combine and kto-train call."""
 
 from __future__ import annotations
 
@@ -10,14 +10,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from shared import CACHE_FORMAT_VERSION
-from shared.errors import CacheError
+from shared.errors import CacheError, StorageError
 from shared.fingerprint import sha256_file
+from shared.manifest import REWRITE, check_manifest, load_json_object, shard_name
 
+__all__ = ["MANIFEST", "SCHEMA", "ShardInfo", "shard_name", "verify_cache", "write_shard"]
 MANIFEST = "manifest.json"
 SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -30,7 +33,9 @@ SCHEMA = pa.schema([
     ("ref_logps", pa.float64()),
     ("ref_kl_logps", pa.float64()),
 ])
+REFERENCE_COLUMNS = ("ref_logps", "ref_kl_logps")
 _META_KEY = b"kto_cache"
+REBUILD = "re-run kto-precompute with the same options on the same --output to rebuild it"
 
 
 @dataclass(frozen=True)
@@ -39,10 +44,6 @@ class ShardInfo:
     rows: int
     tokens: int
     sha256: str
-
-
-def shard_name(index: int, total: int) -> str:
-    return f"shard-{index:05d}-of-{total:05d}.parquet"
 
 
 def table_tokens(table: pa.Table) -> int:
@@ -55,37 +56,65 @@ def table_tokens(table: pa.Table) -> int:
 
 
 def write_shard(directory: Path, name: str, table: pa.Table, cache_key: str) -> ShardInfo:
-    """Write to a temporary name, fsync, then rename: a reader never sees half a shard."""
+    """Write to a temporary name, fsync, then rename: a reader never sees half a shard.
+    Every page carries a CRC, so a later run can tell a damaged shard from a good one
+    even without the manifest."""
     table = table.cast(SCHEMA).replace_schema_metadata({_META_KEY: cache_key.encode()})
     final = directory / name
     tmp = directory / f".{name}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp, compression="zstd")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    try:
+        pq.write_table(table, tmp, compression="zstd", write_page_checksum=True)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except OSError as err:
+        raise StorageError(final, err) from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return ShardInfo(name, table.num_rows, table_tokens(table), sha256_file(final))
 
 
-def existing_shard(directory: Path, name: str, cache_key: str) -> ShardInfo | None:
-    """A complete shard left by an earlier run with the same settings, or None."""
-    path = directory / name
-    if not path.is_file():
-        return None
+def shard_cache_key(path: Path) -> str | None:
+    """The cache key a shard was written for (in its Parquet footer), None if unreadable."""
     try:
         meta = pq.read_schema(path).metadata or {}
     except (pa.ArrowInvalid, OSError):
         return None
-    if meta.get(_META_KEY) != cache_key.encode():
-        raise CacheError(f"{path} was written with other settings (cache key differs); "
-                         "use a new --output directory or pass --overwrite")
-    table = pq.read_table(path, columns=["prompt_ids", "completion_ids", "kl_completion_ids"])
-    return ShardInfo(name, table.num_rows, table_tokens(table), sha256_file(path))
+    key = meta.get(_META_KEY)
+    return key.decode(errors="replace") if key is not None else ""
+
+
+def read_shard(path: Path) -> pa.Table:
+    """Every column, with each page's CRC checked; OSError/ArrowInvalid when damaged."""
+    table = pq.read_table(path, page_checksum_verification=True)
+    if not table.schema.equals(SCHEMA, check_metadata=False):
+        raise pa.ArrowInvalid(f"schema {table.schema.names} is not the cache schema")
+    return table
+
+
+def non_finite_rows(table: pa.Table) -> dict[str, int]:
+    """Column -> number of rows whose reference value is NaN or infinite."""
+    out = {}
+    for column in REFERENCE_COLUMNS:
+        values = table[column].to_numpy(zero_copy_only=False)
+        bad = int((~np.isfinite(values)).sum())
+        if bad:
+            out[column] = bad
+    return out
 
 
 def write_json(path: Path, value: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(value, indent=2, allow_nan=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        raise StorageError(path, err) from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_manifest(directory: str | Path, name: str = MANIFEST) -> dict[str, Any]:
@@ -93,52 +122,77 @@ def read_manifest(directory: str | Path, name: str = MANIFEST) -> dict[str, Any]
     if not path.is_file():
         raise CacheError(f"{path} not found: not a finished cache (a worker part has "
                          "manifest.worker-*.json; combine parts with `kto-precompute combine`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CacheError(f"{path} is not valid JSON ({err.msg})") from None
+    manifest = load_json_object(path)
     if manifest.get("format_version") != CACHE_FORMAT_VERSION:
         raise CacheError(f"{path}: format_version {manifest.get('format_version')!r}, this "
-                         f"version reads {CACHE_FORMAT_VERSION}")
-    return manifest
+                         f"version reads {CACHE_FORMAT_VERSION}; {REWRITE}")
+    return check_manifest(manifest, path)
 
 
 def verify_cache(directory: str | Path, checksums: bool = True) -> dict[str, Any]:
-    """Check the manifest, every shard's presence, schema, row count and SHA-256."""
+    """Check the manifest (structure, shard names inside the folder), then every shard:
+    present, SHA-256 (with ``checksums``), schema, row count and the cache key in its
+    footer; with ``checksums`` also its label counts and that every reference value is
+    finite. The totals must match the manifest's counts."""
     root = Path(directory)
     manifest = read_manifest(root)
     shards = manifest["shards"]
     if len(shards) != manifest["num_shards"]:
         raise CacheError(f"{root}: manifest lists {len(shards)} shards of "
-                         f"{manifest['num_shards']}")
+                         f"{manifest['num_shards']}; {REWRITE}")
+    desirable = 0
     for entry in shards:
-        _verify_shard(root, entry, checksums)
-    rows = sum(s["rows"] for s in shards)
-    if rows != manifest["counts"]["rows"]:
-        raise CacheError(f"{root}: shards hold {rows} rows, manifest counts "
-                         f"{manifest['counts']['rows']}")
+        desirable += _verify_shard(root, entry, manifest["cache_key"], checksums)
+    _check_totals(root, manifest, desirable if checksums else None)
     return manifest
 
 
-def _verify_shard(root: Path, entry: dict[str, Any], checksums: bool) -> None:
-    path = root / entry["name"]
+def _check_totals(root: Path, manifest: dict[str, Any], desirable: int | None) -> None:
+    counts, shards = manifest["counts"], manifest["shards"]
+    found = {"rows": sum(s["rows"] for s in shards), "tokens": sum(s["tokens"] for s in shards)}
+    expected = {"rows": counts["rows"], "tokens": manifest["tokens"]}
+    if desirable is not None:
+        found.update(desirable=desirable, undesirable=found["rows"] - desirable)
+        expected.update(desirable=counts["desirable"], undesirable=counts["undesirable"])
+    wrong = [f"{k}: shards hold {found[k]}, manifest says {expected[k]}"
+             for k in found if found[k] != expected[k]]
+    if wrong:
+        raise CacheError(f"{root}: the shards do not match the manifest ({'; '.join(wrong)}); "
+                         f"{REBUILD}")
+
+
+def _verify_shard(root: Path, entry: dict[str, Any], cache_key: str, checksums: bool) -> int:
+    """Checks one shard; returns its number of desirable rows (0 without ``checksums``)."""
+    name, path = entry["name"], root / entry["name"]
     if not path.is_file():
-        raise CacheError(f"shard {entry['name']} is missing from {root}")
+        raise CacheError(f"shard {name} is missing from {root}; {REBUILD}")
     if checksums and sha256_file(path) != entry["sha256"]:
-        raise CacheError(f"shard {entry['name']} is damaged: its SHA-256 does not match the "
-                         "manifest; re-run kto-precompute on the same --output to rebuild it")
+        raise CacheError(f"shard {name} is damaged: its SHA-256 does not match the "
+                         f"manifest; {REBUILD}")
     try:
         meta = pq.read_metadata(path)
         schema = meta.schema.to_arrow_schema()
     except (pa.ArrowInvalid, OSError) as err:
-        raise CacheError(f"shard {entry['name']} cannot be read as Parquet ({err})") from None
-    missing = [f.name for f in SCHEMA if schema.get_field_index(f.name) < 0
-               or schema.field(f.name).type != f.type]
-    if missing:
-        raise CacheError(f"shard {entry['name']}: columns missing or of the wrong type: {missing}")
+        raise CacheError(f"shard {name} cannot be read as Parquet ({err}); {REBUILD}") from None
+    wrong = [f.name for f in SCHEMA if schema.get_field_index(f.name) < 0
+             or schema.field(f.name).type != f.type]
+    if wrong:
+        raise CacheError(f"shard {name}: columns missing or of the wrong type: {wrong}; {REBUILD}")
     if meta.num_rows != entry["rows"]:
-        raise CacheError(f"shard {entry['name']} holds {meta.num_rows} rows, manifest says "
-                         f"{entry['rows']}")
+        raise CacheError(f"shard {name} holds {meta.num_rows} rows, manifest says "
+                         f"{entry['rows']}; {REBUILD}")
+    key = (meta.metadata or {}).get(_META_KEY, b"").decode(errors="replace")
+    if key != cache_key:
+        raise CacheError(f"shard {name} belongs to another cache (its cache key {key[:12]!r}, "
+                         f"the manifest's {cache_key[:12]!r}); {REBUILD}")
+    if not checksums:
+        return 0
+    table = pq.read_table(path, columns=["label", *REFERENCE_COLUMNS])
+    bad = non_finite_rows(table)
+    if bad:
+        raise CacheError(f"shard {name} holds non-finite reference log-probs ({bad} rows): "
+                         f"damaged or edited; {REBUILD}")
+    return int(pc.sum(table["label"]).as_py() or 0)
 
 
 def shard_infos(entries: list[ShardInfo]) -> list[dict[str, Any]]:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
+import math
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,7 +16,7 @@ from typing import Any, TextIO
 
 import click
 
-from shared.errors import KtoError
+from shared.errors import ENVIRONMENT_ERRNOS, Interrupted, KtoError, StorageError
 
 
 def setup_logging(verbose: bool) -> None:
@@ -42,7 +45,7 @@ def load_config_file(ctx: click.Context, _param: click.Parameter, value: str | N
 
     try:
         data = yaml.safe_load(Path(value).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise click.BadParameter(f"cannot read {value}: {err}") from None
     if not isinstance(data, dict):
         raise click.BadParameter(f"{value}: expected a mapping of option names to values")
@@ -70,14 +73,47 @@ def config_param() -> click.Option:
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the project's typed errors into one clean message and exit code 2."""
+    """Turn the project's typed errors into one clean message (exit code 1; 128 + the
+    signal's number when a signal stopped the command). An OSError of the machine (disk
+    full, read-only, no permission) that no library code named is reported the same way."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except Interrupted as err:
+            raise _exit_with(str(err), err.exit_code) from None
         except KtoError as err:
             raise click.ClickException(str(err)) from None
+        except BrokenPipeError:  # stdout closed early (`... | head`): quiet, as a shell tool
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(128 + 13)  # SIGPIPE's status
+        except OSError as err:
+            if err.errno not in ENVIRONMENT_ERRNOS:
+                raise
+            raise click.ClickException(str(StorageError(err.filename, err))) from None
     return wrapper
+
+
+def _exit_with(message: str, code: int) -> click.ClickException:
+    err = click.ClickException(message)
+    err.exit_code = code
+    return err
+
+
+def strict_json(value: Any) -> str:
+    """A summary for standard output: strict JSON, so non-finite floats (a rate that was
+    not measured, a class with no rows) become null instead of NaN."""
+    return json.dumps(_finite(value), indent=2, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 class DefaultGroup(click.Group):

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
 def sha256_json(value: Any) -> str:
@@ -52,7 +52,7 @@ def model_fingerprint(model_dir: str | Path) -> str:
     config = root / "config.json"
     if config.is_file():
         h.update(sha256_json(json.loads(config.read_text())).encode())
-    for f in sorted(p for p in root.rglob("*") if p.suffix in _WEIGHT_SUFFIXES and p.is_file()):
+    for f in sorted(p for p in root.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file()):
         h.update(str(f.relative_to(root)).encode())
         h.update(sha256_file(f).encode())
     return h.hexdigest()

@@ -109,28 +109,46 @@ def to_examples(record: Any, shape: str, ref: RecordRef, source_index: int) -> l
             raise ref.error(key, "malformed conversation",
                             "at least one prompt message followed by a final assistant message",
                             [m["role"] for m in msgs])
+        _require_text(msgs[-1:], f"{key}[{len(msgs) - 1}].content", ref)
         return [Example(source_index, "u", _label(record, ref), msgs[:-1], msgs[-1:])]
     if shape == "paired":
         prompt = _content(record, "prompt", ref, allow_empty=True)
         return _pair(source_index, prompt, _content(record, "chosen", ref),
-                     _content(record, "rejected", ref))
+                     _content(record, "rejected", ref), ref)
     if shape == "implicit_prompt":
         prompt, chosen, rejected = _split_shared_prompt(
             _content(record, "chosen", ref), _content(record, "rejected", ref), ref)
-        return _pair(source_index, prompt, chosen, rejected)
+        return _pair(source_index, prompt, chosen, rejected, ref)
     if shape == "sharegpt_pairs":
         prompt = _messages(_field(record, "conversations", ref), "conversations", ref)
         if not prompt:
             raise ref.error("conversations", "empty conversation", "at least one message", [])
         chosen = _messages([_field(record, "chosen", ref)], "chosen", ref)
         rejected = _messages([_field(record, "rejected", ref)], "rejected", ref)
-        return _pair(source_index, prompt, chosen, rejected)
+        return _pair(source_index, prompt, chosen, rejected, ref)
     raise ConfigError(f"unknown --format {shape!r}: expected auto or one of {', '.join(SHAPES)}")
 
 
-def _pair(source_index: int, prompt: Content, chosen: Content, rejected: Content) -> list[Example]:
+def _pair(source_index: int, prompt: Content, chosen: Content, rejected: Content,
+          ref: RecordRef) -> list[Example]:
+    """A desirable and an undesirable row. Identical completions would push the same text
+    up and down at once (a degenerate pair): an invalid record, not two rows."""
+    for name, completion in (("chosen", chosen), ("rejected", rejected)):
+        if isinstance(completion, list):
+            _require_text(completion, name, ref)
+    if chosen == rejected:
+        raise ref.error("rejected", "chosen equals rejected",
+                        "a rejected completion that differs from the chosen one", rejected)
     return [Example(source_index, "c", True, prompt, chosen),
             Example(source_index, "r", False, prompt, rejected)]
+
+
+def _require_text(messages: list[Message], name: str, ref: RecordRef) -> None:
+    """A completion of messages with no text is as empty as the empty string: rendered,
+    it would be only the chat template's tokens and EOS."""
+    if all(m["content"] == "" for m in messages):
+        raise ref.error(name, "empty completion", "a completion with text",
+                        [m["content"] for m in messages])
 
 
 def _field(record: Mapping[str, Any], name: str, ref: RecordRef) -> Any:
@@ -159,6 +177,8 @@ def _content(record: Mapping[str, Any], name: str, ref: RecordRef,
         msgs = _messages(value, name, ref)
         if not msgs and not allow_empty:
             raise ref.error(name, "empty completion", "at least one message", value)
+        if not allow_empty:
+            _require_text(msgs, name, ref)
         return msgs
     raise ref.error(name, "wrong type", "text or a list of {role, content} messages", value)
 

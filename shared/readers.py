@@ -1,6 +1,6 @@
-"""Read input records from JSON, JSONL (either gzipped), Parquet or a
-``datasets.save_to_disk`` directory, one dict at a time, keeping each record's index for
-error messages. JSON lines are streamed, gzipped or not: never the whole file in memory."""
+"""Read input records from JSON, JSONL (either gzipped: .json.gz, .jsonl.gz), Parquet or
+a ``datasets.save_to_disk`` directory, one dict at a time, keeping each record's index
+for error messages. JSON lines are read one line at a time, gzipped or not."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from shared.errors import InputError
+from shared.errors import FILE_FIELD, InputError
 from shared.fingerprint import sha256_file
 
 SUPPORTED = (".json, .jsonl (or either gzipped: .json.gz, .jsonl.gz), .parquet or a directory "
              "written by datasets.save_to_disk")
+REENCODE = "Re-encode the file as UTF-8 (e.g. iconv -f LATIN1 -t UTF-8 IN > OUT) and rerun."
 _BATCH_ROWS = 1000
 
 
@@ -27,19 +28,27 @@ def iter_records(path: str) -> Iterator[tuple[int, Any]]:
     line that does not parse is yielded as an ``InputError`` in place of the record,
     so the caller decides whether it stops the run or is counted and skipped."""
     p = Path(path)
-    if p.is_dir():
-        yield from _iter_saved_dataset(p)
-    elif not p.exists():
-        raise InputError(path, 0, "<file>", "file not found", SUPPORTED, "a missing path")
-    elif p.name.endswith((".jsonl", ".jsonl.gz")):
-        yield from _iter_jsonl(p)
-    elif p.name.endswith((".json", ".json.gz")):
-        yield from _iter_json(p)
-    elif p.suffix == ".parquet":
-        yield from _iter_parquet(p)
-    else:
-        raise InputError(path, 0, "<file>", "unsupported file type", SUPPORTED,
-                         repr("".join(p.suffixes[-2:])))
+    try:
+        if p.is_dir():
+            yield from _iter_saved_dataset(p)
+        elif not p.exists():
+            raise InputError(path, 0, FILE_FIELD, "file not found", SUPPORTED, "a missing path",
+                             fix="Check the --data path.")
+        elif p.name.endswith((".jsonl", ".jsonl.gz")):
+            yield from _iter_jsonl(p)
+        elif p.name.endswith((".json", ".json.gz")):
+            yield from _iter_json(p)
+        elif p.suffix == ".parquet":
+            yield from _iter_parquet(p)
+        else:
+            raise InputError(path, 0, FILE_FIELD, "unsupported file type", SUPPORTED,
+                             repr("".join(p.suffixes[-2:])),
+                             fix="Convert it to one of these, or rename a JSON "
+                             "lines file to .jsonl.")
+    except OSError as err:  # no permission, a directory where a file should be, I/O error
+        raise InputError(path, 0, FILE_FIELD, "cannot read the file", "a readable file",
+                         err.strerror or str(err),
+                         fix="Check the file's permissions and the --data path.") from None
 
 
 # what a damaged file raises while it is read (gzip: bad header, truncated stream, bad CRC)
@@ -60,12 +69,15 @@ def _reading(p: Path, where: list[int]) -> Iterator[None]:
         yield
     except _READ_ERRORS as err:
         kind = "a complete gzip file" if p.name.endswith(".gz") else "a readable file"
-        raise InputError(str(p), where[0], "<file>", "unreadable file", kind,
-                         f"{type(err).__name__} ({err}) after line {where[1]}") from None
+        raise InputError(str(p), where[0], FILE_FIELD, "unreadable file", kind,
+                         f"{type(err).__name__} ({err}) after line {where[1]}",
+                         fix="Re-download or rewrite the file.") from None
 
 
 def _iter_jsonl(p: Path) -> Iterator[tuple[int, Any]]:
-    """One record per line, decoded line by line (streamed, gzipped or not)."""
+    """One record per non-blank line, streamed (gzipped or not); a line that is not
+    UTF-8 or not JSON becomes an ``InputError`` for that record (skippable), the others
+    still go through."""
     index = 0
     where = [0, 0]
     with _reading(p, where), _open_bytes(p) as f:
@@ -73,58 +85,69 @@ def _iter_jsonl(p: Path) -> Iterator[tuple[int, Any]]:
             where[1] = line_no
             if not raw.strip():
                 continue
-            yield index, _parse_line(p, index, line_no, raw)
+            try:
+                record: Any = json.loads(_decode(raw, line_no == 1))
+            except UnicodeDecodeError as err:
+                record = InputError(str(p), index, "<line>", "not UTF-8", "UTF-8 text",
+                                    f"line {line_no}: byte {raw[err.start]:#04x} at column "
+                                    f"{err.start + 1}", fix=REENCODE + " Or pass --skip-invalid "
+                                    "to count and skip such records.")
+            except json.JSONDecodeError as err:
+                line = raw.decode("utf-8", errors="replace").strip()
+                record = InputError(str(p), index, "<line>", "invalid JSON",
+                                    "one JSON object per line",
+                                    f"line {line_no} ({err.msg}): {line[:60]!r}")
+            yield index, record
             index += 1
             where[0] = index
 
 
-def _parse_line(p: Path, index: int, line_no: int, raw: bytes) -> Any:
-    """The record, or an InputError in its place (the caller stops or counts it)."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        return InputError(str(p), index, "<line>", "invalid UTF-8", "UTF-8 text",
-                          f"line {line_no}, byte {err.start}: {raw[:60]!r}")
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as err:
-        return InputError(str(p), index, "<line>", "invalid JSON", "one JSON object per line",
-                          f"line {line_no} ({err.msg}): {line.strip()[:60]!r}")
+def _decode(raw: bytes, first: bool) -> str:
+    """UTF-8 (a byte-order mark at the start of the file is allowed, as editors write it)."""
+    return raw.decode("utf-8-sig" if first else "utf-8")
 
 
 def _iter_json(p: Path) -> Iterator[tuple[int, Any]]:
-    with _reading(p, [0, 0]), _open_bytes(p) as f:  # an array is parsed whole, as before
+    with _reading(p, [0, 0]), _open_bytes(p) as f:  # an array is parsed whole
         raw = f.read()
     try:
-        text = raw.decode("utf-8")
+        text = _decode(raw, True)
     except UnicodeDecodeError as err:
-        raise InputError(str(p), 0, "<file>", "invalid UTF-8", "UTF-8 text",
-                         f"a byte that is not UTF-8 at offset {err.start}") from None
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise InputError(str(p), 0, FILE_FIELD, "not UTF-8", "UTF-8 text",
+                         f"byte {raw[err.start]:#04x} at offset {err.start} (line {line})",
+                         fix=REENCODE) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # several top-level values: JSON lines under a .json name
             yield from _iter_jsonl(p)
             return
-        raise InputError(str(p), 0, "<file>", "invalid JSON", "a JSON array of objects",
+        raise InputError(str(p), 0, FILE_FIELD, "invalid JSON", "a JSON array of objects",
                          f"a parse error at line {err.lineno} column {err.colno} ({err.msg})",
-                         ) from None
+                         fix="Fix the JSON at that place and rerun.") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
-        raise InputError(str(p), 0, "<file>", "wrong top-level value", "a JSON array of objects",
-                         type(data).__name__)
+        raise InputError(str(p), 0, FILE_FIELD, "wrong top-level value",
+                         "a JSON array of objects (or JSON lines)", type(data).__name__)
     yield from enumerate(data)
 
 
 def _iter_parquet(p: Path) -> Iterator[tuple[int, Any]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     index = 0
-    for batch in pq.ParquetFile(p).iter_batches(batch_size=_BATCH_ROWS):
-        for record in batch.to_pylist():
-            yield index, record
-            index += 1
+    try:
+        for batch in pq.ParquetFile(p).iter_batches(batch_size=_BATCH_ROWS):
+            for record in batch.to_pylist():
+                yield index, record
+                index += 1
+    except (pa.ArrowException, OSError) as err:  # not Parquet, truncated, damaged
+        raise InputError(str(p), index, FILE_FIELD, "unreadable Parquet", "a complete Parquet "
+                         "file", f"{type(err).__name__} after {index} records ({err})",
+                         fix="Rewrite or re-download the file.") from None
 
 
 def _iter_saved_dataset(p: Path) -> Iterator[tuple[int, Any]]:
@@ -133,11 +156,11 @@ def _iter_saved_dataset(p: Path) -> Iterator[tuple[int, Any]]:
     try:
         ds = datasets.load_from_disk(str(p))
     except FileNotFoundError:
-        raise InputError(str(p), 0, "<file>", "not a saved dataset", SUPPORTED,
+        raise InputError(str(p), 0, FILE_FIELD, "not a saved dataset", SUPPORTED,
                          "a directory without dataset_info.json / state.json") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
-            raise InputError(str(p), 0, "<file>", "a DatasetDict without a 'train' split",
+            raise InputError(str(p), 0, FILE_FIELD, "a DatasetDict without a 'train' split",
                              "a Dataset, or a DatasetDict with 'train'", str(list(ds)))
         ds = ds["train"]
     index = 0

@@ -18,18 +18,27 @@ TRUNCATION_MODES = ("keep_end", "keep_start")
 
 @dataclass(frozen=True)
 class TokenizeOptions:
+    """``max_prompt_length`` None means half of ``max_length`` (512 for the default 1024,
+    TRL 0.x's pair of defaults): users of TRL 1.x and LLaMA-Factory set only max_length."""
+
     max_length: int = 1024
-    max_prompt_length: int = 512
+    max_prompt_length: int | None = None
     truncation_mode: str = "keep_end"
 
     def __post_init__(self) -> None:
         if self.truncation_mode not in TRUNCATION_MODES:
             raise ConfigError(f"--truncation-mode {self.truncation_mode!r}: expected one of "
                               f"{', '.join(TRUNCATION_MODES)}")
+        if self.max_length < 2:
+            raise ConfigError(f"--max-length {self.max_length}: a row needs at least 2 tokens "
+                              "(a prompt token and a completion token)")
+        if self.max_prompt_length is None:
+            object.__setattr__(self, "max_prompt_length", self.max_length // 2)
         if not 1 <= self.max_prompt_length <= self.max_length:
             raise ConfigError(
                 f"--max-prompt-length {self.max_prompt_length} must be between 1 and "
-                f"--max-length {self.max_length}")
+                f"--max-length {self.max_length}; lower it, or leave it out to use half of "
+                f"--max-length ({self.max_length // 2})")
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ def build_cache(tiny_dir, data, output, backend="hf", scorer=None, **kw):
     from precompute.run import run
     from shared.tokenization import TokenizeOptions
 
-    tok = TokenizeOptions(kw.pop("max_length", 1024), kw.pop("max_prompt_length", 512),
+    tok = TokenizeOptions(kw.pop("max_length", 1024), kw.pop("max_prompt_length", None),
                           kw.pop("truncation_mode", "keep_end"))
     config = PrecomputeConfig(model=str(tiny_dir), data=tuple(str(d) for d in data),
                               output=str(output), backend=backend, tokenize=tok, **kw)

@@ -4,12 +4,13 @@ defaults live in one place; --config file.yaml sets them too (flags win)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
+from contextlib import nullcontext
 
 import click
 
-from shared.cli import config_param, setup_logging, summary_stdout, user_errors
+from shared.cli import config_param, setup_logging, strict_json, summary_stdout, user_errors
+from shared.signals import SignalGuard
 from train.config import OPTIMIZERS, REPORT_TO, SCHEDULERS, TORCH_DTYPES, TrainConfig
 from train.loss import LOSS_TYPES
 
@@ -45,7 +46,10 @@ HELP = {
     "save_steps": "Checkpoint every N steps (0 = only the final model).",
     "save_total_limit": "Keep the N newest checkpoints (0 = all).",
     "eval_steps": "Evaluate every N steps (0 = at the end only).",
-    "resume_from_checkpoint": "latest (newest in --output) or a checkpoint directory.",
+    "resume_from_checkpoint": "latest (newest in --output) or a checkpoint directory; the "
+                              "settings that decide the result must be the run's own.",
+    "overwrite_output_dir": "Replace an earlier run's outputs in --output (checkpoints, "
+                            "metrics, model); without it such a folder is refused.",
     "lora_r": "LoRA rank; > 0 trains adapters through peft.",
     "lora_target_modules": "all-linear or a comma-separated list of module names.",
     "merge_lora": "Also save the merged model (adapters are always saved).",
@@ -79,18 +83,23 @@ def _run(verbose: bool, **options) -> None:
     setup_logging(verbose)
     from train.trainer import Trainer
 
-    with summary_stdout() as stdout:
-        trainer = Trainer(TrainConfig(**options))
-        trainer.setup()
+    config = TrainConfig(**options)
+    with summary_stdout() as stdout, SignalGuard() as signals:
+        # a signal during setup stops at once, cleaning up
+        trainer = Trainer(config, signals=signals)
         try:
-            final = trainer.train()
-            if not trainer.config.eval_only:
-                trainer.save()
+            trainer.setup()
+            # training: a signal finishes the step and saves a checkpoint; evaluation alone
+            # has nothing to save, so a signal stops it at once
+            with nullcontext() if config.eval_only else signals.deferred():
+                final = trainer.train()
+                if not config.eval_only:
+                    trainer.save()
         finally:
             trainer.cleanup()
     if trainer.accelerator.is_main_process:
-        click.echo(json.dumps({"output": str(trainer.out), **final, **trainer.timing},
-                              indent=2), file=stdout)
+        click.echo(strict_json({"output": str(trainer.out), **final, **trainer.timing}),
+                   file=stdout)
 
 
 main = click.Command(

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from shared.errors import ConfigError
+from shared.errors import ConfigError, check_seed
 from train.loss import LOSS_TYPES, KTOLossConfig
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
@@ -60,6 +60,7 @@ class TrainConfig:
     save_total_limit: int = 0
     eval_steps: int = 0
     resume_from_checkpoint: str | None = None
+    overwrite_output_dir: bool = False
     eval_only: bool = False
     report_to: str = "none"
     # LoRA (through peft): lora_r > 0 turns it on
@@ -89,6 +90,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.beta <= 0 or self.learning_rate < 0 or not 0 <= self.warmup_ratio <= 1:
             raise ConfigError("--beta must be > 0, --learning-rate >= 0, --warmup-ratio in [0, 1]")
+        check_seed(self.seed)
+        _check_run_options(self)
         if self.eval_only and not self.eval_cache:
             raise ConfigError("--eval-only needs --eval-cache")
         if self.max_steps < 1 and self.num_train_epochs <= 0:
@@ -105,3 +108,20 @@ class TrainConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+def _check_run_options(c: TrainConfig) -> None:
+    """Counts and weights that would otherwise fail deep inside a run."""
+    for name in ("save_steps", "save_total_limit", "eval_steps", "lora_r"):
+        if getattr(c, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")
+    if c.desirable_weight < 0 or c.undesirable_weight < 0 or not (
+            c.desirable_weight or c.undesirable_weight):
+        raise ConfigError("--desirable-weight and --undesirable-weight must be >= 0 and not "
+                          "both 0")
+    if c.max_grad_norm < 0 or c.weight_decay < 0:
+        raise ConfigError("--max-grad-norm and --weight-decay must be >= 0")
+    if c.overwrite_output_dir and c.resume_from_checkpoint == "latest":
+        raise ConfigError("--overwrite-output-dir and --resume-from-checkpoint latest "
+                          "contradict each other: the first removes the checkpoints the second "
+                          "resumes from; pass one of them")

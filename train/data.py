@@ -17,7 +17,7 @@ import torch
 
 from shared.cache import verify_cache
 from shared.dataset import map_shards
-from shared.errors import CacheError
+from shared.errors import CacheError, writing
 from shared.fingerprint import tokenizer_fingerprint
 from train.packing import packed, padded
 
@@ -46,7 +46,8 @@ def open_cache(directory: str, tokenizer: Any, spill: Path) -> CacheRows:
             f"{directory} was tokenized with another tokenizer (cache fingerprint {theirs[:12]}, "
             f"policy tokenizer {mine[:12]}); rebuild the cache with the policy's tokenizer "
             "(kto-precompute --tokenizer) or pass the matching --tokenizer")
-    table = map_shards(directory, manifest, COLUMNS, spill)
+    with writing(spill, where="TMPDIR"):
+        table = map_shards(directory, manifest, COLUMNS, spill)
     lengths = (pc.list_value_length(table["prompt_ids"]).to_numpy()
                + pc.list_value_length(table["completion_ids"]).to_numpy())
     return CacheRows(table, manifest, lengths)

@@ -4,12 +4,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from shared.errors import KtoError, writing
+
+log = logging.getLogger(__name__)
 
 
 class MetricWindow:
@@ -57,19 +62,41 @@ def _div(total: float, count: float) -> float:
 
 
 class MetricsFile:
-    """OUTPUT/metrics.jsonl; on resume, records after the checkpoint's step are dropped."""
+    """OUTPUT/metrics.jsonl; on resume, records after the checkpoint's step are dropped
+    (resume_step 0: all of them; None: a new run, the file is emptied)."""
 
     def __init__(self, path: Path, resume_step: int | None) -> None:
         self.path = path
-        if resume_step is None:
-            path.write_text("")
-        elif path.is_file():
-            kept = [line for line in path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= resume_step]
+        kept = kept_records(path, resume_step) if resume_step and path.is_file() else []
+        with writing(path):
             path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                  for k, v in record.items()}
-        with self.path.open("a") as f:
-            f.write(json.dumps(clean) + "\n")
+        with writing(self.path), self.path.open("a") as f:
+            f.write(json.dumps(clean, allow_nan=False) + "\n")
+
+
+def kept_records(path: Path, resume_step: int) -> list[str]:
+    """The lines of records up to ``resume_step``. A last line cut by a kill is dropped
+    with a warning; any other line that is not a record is an error naming it."""
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            step = record["step"]
+        except (json.JSONDecodeError, TypeError, KeyError):
+            if number == len(lines):
+                log.warning("%s: dropping its last line, cut short by a kill: %r", path,
+                            line[:80])
+                break
+            raise KtoError(f"{path}: line {number} is not a metrics record ({line[:60]!r}); "
+                           "the file was edited or damaged: delete that line, or pass "
+                           "--overwrite-output-dir to start the run over") from None
+        if isinstance(step, int) and step <= resume_step:
+            kept.append(line)
+    return kept

@@ -4,7 +4,6 @@ LoRA), optimizer, scheduler; the class-balance warning; the final save."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import math
 from pathlib import Path
@@ -35,9 +34,7 @@ def make_accelerator(config: TrainConfig, out: Path):
                       project_dir=str(out), cpu=not torch.cuda.is_available())
     set_seed(config.seed)
     start_trackers(acc, config, out)
-    if acc.is_main_process:
-        (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    return acc
+    return acc  # train_config.json is written once the run may use --output (run_folder)
 
 
 def configure_deepspeed(accelerator, config: TrainConfig) -> None:
@@ -58,7 +55,7 @@ def load_tokenizer(config: TrainConfig):
 
     try:
         return AutoTokenizer.from_pretrained(config.tokenizer or config.model)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # tokenizers raises a bare Exception for a malformed file
         raise ConfigError(f"cannot load a tokenizer from {config.tokenizer or config.model!r}: "
                           f"{err}") from None
 
@@ -153,6 +150,11 @@ def class_balance_warning(counts: dict[str, Any], config: TrainConfig) -> str | 
     if n_d == 0 or n_u == 0:
         msg = (f"the cache has {n_d} desirable and {n_u} undesirable rows: KTO needs both "
                "(with one class the loss only moves that class relative to z)")
+        log.warning(msg)
+        return msg
+    if not (config.desirable_weight and config.undesirable_weight):
+        msg = ("a class weight is 0 (--desirable-weight / --undesirable-weight): that class's "
+               "rows do not count in the loss")
         log.warning(msg)
         return msg
     ratio = config.desirable_weight * n_d / (config.undesirable_weight * n_u)

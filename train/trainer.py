@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -18,14 +19,18 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from shared.errors import KtoError
+from shared.errors import Interrupted, KtoError, writing
+from shared.signals import SignalGuard
+from shared.weights import check_weight_files
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig
 from train.data import CacheRows, collate, epoch_order, micro_batch_rows, open_cache
+from train.guard import NonFiniteLossError, any_process, check_grad_norm, check_rows
 from train.head import policy_logps
 from train.loss import KTOLossOutput, estimate_kl, kto_loss
 from train.metrics import MetricsFile, MetricWindow
 from train.packing import use_packing
+from train.run_folder import lock_output, plan_run, run_identity, start_run
 from train.setup import (
     build_optimizer,
     build_scheduler,
@@ -41,10 +46,7 @@ from train.trackers import tracker_values
 
 log = logging.getLogger(__name__)
 Reference = Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]
-
-
-class NonFiniteLossError(KtoError):
-    """A NaN or inf loss: the step is not taken, so the weights stay intact."""
+__all__ = ["NonFiniteLossError", "Trainer", "cached_reference"]
 
 
 def cached_reference(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,9 +68,12 @@ def _to(batch: Any, device: torch.device) -> Any:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, reference: Reference = cached_reference):
+    def __init__(self, config: TrainConfig, reference: Reference = cached_reference,
+                 signals: SignalGuard | None = None):
         self.config = config
         self.reference = reference
+        # installed by the CLI: a stop signal ends the loop at a step boundary (checkpoint)
+        self.signals = signals or SignalGuard()
         self.timing: dict[str, float] = {}  # steps_run, train_seconds (filled by train)
         self.out = Path(config.output)
         self._tmp = tempfile.TemporaryDirectory(prefix="kto-train-")
@@ -78,6 +83,7 @@ class Trainer:
         c = self.config
         self.out.mkdir(parents=True, exist_ok=True)
         self.accelerator = make_accelerator(c, self.out)
+        self._lock = lock_output(self.accelerator, self.out)  # one run at a time in --output
         self.tokenizer = load_tokenizer(c)
         self.rows = open_cache(c.cache, self.tokenizer, Path(self._tmp.name) / "train.arrow")
         self.eval_rows = (open_cache(c.eval_cache, self.tokenizer,
@@ -93,6 +99,10 @@ class Trainer:
                            f"({self.global_batch}); lower the batch size")
         self.total_steps = (c.max_steps if c.max_steps > 0
                             else math.ceil(c.num_train_epochs * self.steps_per_epoch))
+        identity = run_identity(c, self.rows.manifest,
+                                self.eval_rows.manifest if self.eval_rows else None, world)
+        plan = plan_run(self.out, c, identity)  # before anything in --output changes
+        check_weight_files(c.model)
         model = load_policy(c)
         self.pack = use_packing(c.padding_free, model.config._attn_implementation)
         self.aux_coef = router_aux_coef(model, c)
@@ -107,11 +117,12 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, c, self.total_steps)
         self.accelerator.register_for_checkpointing(self.scheduler)
         self.pad_id = self.tokenizer.pad_token_id or 0
-        self.checkpoints = Checkpointer(self.accelerator, self.out, c.save_total_limit)
-        self.step = self.checkpoints.resume(c.resume_from_checkpoint)
+        self.checkpoints = Checkpointer(self.accelerator, self.out, c.save_total_limit, identity)
+        start_run(self.accelerator, self.out, c, plan)
+        self.step = self.checkpoints.load(plan.resume_from) if plan.resume_from else 0
         # only the main process touches metrics.jsonl (another would truncate it)
         self.metrics = (MetricsFile(self.out / "metrics.jsonl",
-                                    self.step if c.resume_from_checkpoint else None)
+                                    self.step if plan.resume_from else None)
                         if self.accelerator.is_main_process else None)
         self._orders: dict[int, Any] = {}
 
@@ -149,12 +160,8 @@ class Trainer:
     def _gathered(self, out: KTOLossOutput, logps: torch.Tensor, labels: torch.Tensor,
                   tokens: int, window: MetricWindow, ids: list[str]) -> None:
         acc = self.accelerator
+        check_rows(out, ids, self.step + 1, acc.gather, acc.device)  # every row, every process
         losses = acc.gather(out.loss.detach().reshape(1))
-        if not torch.isfinite(losses).all():
-            raise NonFiniteLossError(
-                f"non-finite loss at step {self.step + 1} (rows of this process: {ids}); "
-                "the step was not taken. Check the cache values (kto-precompute verify), "
-                "lower --learning-rate, or use float32 instead of --bf16")
         window.add(losses.mean(), out.kl, acc.gather(out.rewards).cpu(),
                    acc.gather(logps).cpu(), acc.gather(labels).cpu(),
                    int(acc.gather(torch.tensor([tokens], device=acc.device)).sum()),
@@ -175,11 +182,13 @@ class Trainer:
         while self.step < self.total_steps:
             epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
             order = self._order(epoch)
+            self._step_ids: list[str] = []
             for micro in range(c.gradient_accumulation_steps):
                 idx = micro_batch_rows(order, step_in_epoch, micro, acc.process_index,
                                        c.per_device_train_batch_size,
                                        c.gradient_accumulation_steps, acc.num_processes)
                 batch = self._batch(self.rows, idx)
+                self._step_ids += batch["ids"]
                 sync = micro == c.gradient_accumulation_steps - 1
                 with nullcontext() if sync else acc.no_sync(self.model):
                     out, logps, tokens = self.forward_loss(batch)
@@ -195,6 +204,7 @@ class Trainer:
                 self.evaluate()
             if c.save_steps and self.step % c.save_steps == 0:
                 self.checkpoints.save(self.step, self.step / self.steps_per_epoch)
+            self._stop_if_signalled()
         bar.close()
         self.timing = {"steps_run": self.step - first_step,
                        "train_seconds": round(time.monotonic() - loop_started, 3)}
@@ -206,11 +216,27 @@ class Trainer:
         c = self.config
         max_norm = c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        check_grad_norm(grad_norm, self.step + 1, self.accelerator.gather,
+                        self.accelerator.device, self._step_ids)
         self.lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
+        return float(grad_norm) if grad_norm is not None else float("nan")
+
+    def _stop_if_signalled(self) -> None:
+        """At a step boundary, when any process received a stop signal: save a checkpoint
+        and raise Interrupted (the CLI exits with 128 + the signal's number)."""
+        acc = self.accelerator
+        pending = self.signals.pending or 0
+        if not any_process(acc.gather, bool(pending), acc.device):
+            return
+        path = self.checkpoints.save(self.step, self.step / self.steps_per_epoch)
+        name = signal.Signals(pending).name if pending else "a signal on another process"
+        raise Interrupted(pending or signal.SIGTERM,
+                          f"stopped by {name} after step {self.step} of {self.total_steps}; "
+                          f"checkpoint saved in {path}. Rerun the same command with "
+                          "--resume-from-checkpoint latest to continue")
 
     def _log(self, window: MetricWindow, grad_norm: float, seconds: float, bar) -> dict:
         record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
@@ -249,8 +275,15 @@ class Trainer:
 
     # ---- save and clean up ----------------------------------------------------------
     def save(self) -> None:
-        save_final(self.accelerator, self.model, self.tokenizer, self.config, self.out)
+        with writing(self.out):
+            save_final(self.accelerator, self.model, self.tokenizer, self.config, self.out)
 
     def cleanup(self) -> None:
-        self.accelerator.end_training()
-        self._tmp.cleanup()
+        """Safe after a partial setup: the temporary copy of the cache always goes."""
+        try:
+            if hasattr(self, "accelerator"):
+                self.accelerator.end_training()
+        finally:
+            self._tmp.cleanup()
+            if getattr(self, "_lock", None) is not None:
+                self._lock.release()
