@@ -70,7 +70,8 @@ def _reading(p: Path, where: list[int]) -> Iterator[None]:
     except _READ_ERRORS as err:
         kind = "a complete gzip file" if p.name.endswith(".gz") else "a readable file"
         raise InputError(str(p), where[0], FILE_FIELD, "unreadable file", kind,
-                         f"{type(err).__name__} ({err}) after line {where[1]}",
+                         f"{type(err).__name__} ({err}) at record {where[0]}, after line "
+                         f"{where[1]}",
                          fix="Re-download or rewrite the file.") from None
 
 

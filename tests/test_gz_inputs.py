@@ -63,7 +63,7 @@ def test_jsonl_gz_is_streamed_and_a_truncated_file_names_the_record(tmp_path):
     # records before the damage came out one by one (a whole-file read would yield none)
     assert len(seen) > 100 and seen == list(range(len(seen)))
     msg = str(info.value)
-    assert msg.startswith(f"{cut}: record ") and "unreadable file" in msg
+    assert msg.startswith(f"{cut}: unreadable file") and f"at record {info.value.index}," in msg
     assert "expected a complete gzip file, got EOFError" in msg
     assert info.value.index >= len(seen) - 1
 
@@ -77,7 +77,7 @@ def test_truncated_gzip_is_a_one_line_cli_error(tiny_dir, tmp_path):
                                        "--output", str(tmp_path / "out"), "--backend", "hf",
                                        "--skip-invalid"])
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert f"Error: {cut}: record " in result.output and "unreadable file" in result.output
+    assert f"Error: {cut}: unreadable file" in result.output and "at record " in result.output
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
@@ -89,8 +89,8 @@ def test_non_utf8_line_is_an_invalid_record_named_by_line(tmp_path):
     (_, good), (_, bad) = iter_records(str(path))
     assert good == {"prompt": "a", "completion": "b", "label": True}
     assert isinstance(bad, InputError)  # a record error: stops the run, or counted if skipped
-    assert str(bad).startswith(f"{path}: record 1, field '<line>': invalid UTF-8: expected "
-                               "UTF-8 text, got line 2, byte 15")
+    assert str(bad).startswith(f"{path}: record 1, field '<line>': not UTF-8: expected "
+                               "UTF-8 text, got line 2: byte 0xe9 at column 16")
 
 
 def test_unsupported_compressed_type_names_both_suffixes(tmp_path):

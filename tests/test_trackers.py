@@ -60,6 +60,9 @@ def trl_run(caches, tokenizer):
             model=policy, args=config, train_dataset=cache_dataset(caches["train"]),
             eval_dataset=cache_dataset(caches["eval"]), processing_class=tokenizer)
         trainer.train()
+        import wandb
+
+        wandb.finish()  # flush and close TRL's run file before the tests read it (a race)
     return out
 
 
