@@ -64,13 +64,15 @@ def cache_stats(cache: Path) -> dict[str, float]:
 
 def precision_flags(args, tool: str) -> list[str]:
     """``--settings identical``: both tools float32 weights, bf16 autocast only with
-    ``--dtype bfloat16``, no gradient checkpointing. ``trl-defaults``: TRL with its
-    KTOConfig defaults (1.16: bf16 autocast and gradient checkpointing on) and kto-train
-    with the same two switched on."""
+    ``--dtype bfloat16``, no gradient checkpointing; ``checkpointed``: the same with
+    gradient checkpointing on in both. ``trl-defaults``: TRL with its KTOConfig defaults
+    (1.16: bf16 autocast and gradient checkpointing on) and kto-train with the same two
+    switched on."""
     if args.settings == "trl-defaults":
         return ["--trl-defaults"] if tool == "trl" else ["--bf16", "--gradient-checkpointing"]
     bf16 = ["--bf16"] if args.dtype == "bfloat16" else []
-    return bf16 + ([] if tool == "trl" else ["--no-gradient-checkpointing"])
+    return bf16 + (["--gradient-checkpointing"] if args.settings == "checkpointed"
+                   else [] if tool == "trl" else ["--no-gradient-checkpointing"])
 
 
 def kto_train(model: Path, cache: Path, out: Path, beta: float, args) -> dict:
@@ -117,7 +119,8 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     add_model_args(ap)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                     help="bfloat16: bf16 autocast for both tools (with --settings identical)")
-    ap.add_argument("--settings", default="identical", choices=("identical", "trl-defaults"),
+    ap.add_argument("--settings", default="identical",
+                    choices=("identical", "checkpointed", "trl-defaults"),
                     help="precision and gradient checkpointing: see precision_flags")
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-# Logits per chunk of head rows: 2^26 float32 values = 256 MiB (441 rows of a 151936-entry
-# vocabulary, 2048 of a 32000-entry one).
-CHUNK_LOGITS = 2**26
+# Logits per chunk of head rows: 2^24 float32 values = 64 MiB (110 rows of a 151936-entry
+# vocabulary, 524 of a 32000-entry one). A chunk's backward holds about four such arrays
+# (logits, their float32 copy, softmax, gradient): 2^26 cost kto-train 0.4 GiB of peak RSS
+# on a 151936-entry vocabulary (benchmarks/train_step.py --vocab 151936).
+CHUNK_LOGITS = 2**24
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -50,6 +52,17 @@ def tail_logps(tail_logits: torch.Tensor, input_ids: torch.Tensor, completion_le
                      >= (k - completion_len.to(lp.device))[:, None])
     # where, not multiply: a row shorter than k + 1 has padding here, whose values are unused
     return torch.where(in_completion, lp, 0.0).to(sum_dtype).sum(-1)
+
+
+def scored_states(hidden: torch.Tensor, input_ids: torch.Tensor,
+                  score_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The hidden states that predict scored tokens, in row-major order.
+
+    hidden: [B, T, H]; input_ids, score_mask: [B, T] (True where the token's log-prob
+    counts). Token t is predicted by the state at t - 1. Returns (states [N, H],
+    targets [N], target mask [B, T - 1]) for the N scored tokens."""
+    target = score_mask[:, 1:]
+    return hidden[:, :-1][target], input_ids[:, 1:][target], target
 
 
 def chunk_rows(vocab: int, budget: int = CHUNK_LOGITS) -> int:

@@ -160,3 +160,20 @@ def test_wandb_offline_logs_trls_names(caches, trl_run, monkeypatch):
     for record in read_metrics(out):
         for tag, value in tracker_values(record, "wandb").items():
             assert logged[(record["step"], tag)] == pytest.approx(value, rel=1e-9), tag
+
+
+def test_a_refused_run_writes_no_tracker_files(caches):
+    """Trackers start only once the run may use --output: a second run refused by the
+    folder check leaves the first run's folder as it was."""
+    from click.testing import CliRunner
+
+    from train.cli import main
+
+    out = caches["root"] / "refused"
+    args = ["--model", str(caches["policy"]), "--cache", str(caches["train"]), "--output",
+            str(out), "--learning-rate", "1e-3", "--per-device-train-batch-size", "4"]
+    assert CliRunner().invoke(main, [*args, "--max-steps", "1"]).exit_code == 0
+    before = sorted(p.name for p in out.iterdir())
+    refused = CliRunner().invoke(main, [*args, "--max-steps", "2", "--report-to", "tensorboard"])
+    assert refused.exit_code == 1 and "--overwrite-output-dir" in refused.output
+    assert sorted(p.name for p in out.iterdir()) == before and not (out / "runs").exists()

@@ -327,3 +327,24 @@ def test_sharded_two_processes_equal_one_and_resume(setup, kind):
                                   str(resumed), "--resume-from-checkpoint", "latest"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert_weights_close(final_weights(resumed), final_weights(root / f"{kind}-two"))
+
+
+def test_zero3_gradient_accumulation_equals_one_process(setup):
+    """DeepSpeed steps only at the end of an accumulation (accelerate's `accumulate`
+    tells it where): 2 processes x 1 row x 2 micro-batches equal 1 process x 4 rows.
+    apo_zero_unpaired: without a batch-level z the split of a step does not matter."""
+    pytest.importorskip("deepspeed")
+    common = ["--model", str(setup["policy"]), "--cache", str(setup["cache"]),
+              "--learning-rate", "1e-3", "--logging-steps", "1", "--max-steps", "3",
+              "--loss-type", "apo_zero_unpaired"]
+    root = setup["root"]
+    one = CliRunner().invoke(main, [*common, "--per-device-train-batch-size", "4",
+                                    "--output", str(root / "ga-one")])
+    assert one.exit_code == 0, one.output
+    two = sharded_launch("zero3", [*common, "--per-device-train-batch-size", "1",
+                                   "--gradient-accumulation-steps", "2",
+                                   "--output", str(root / "ga-zero3")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_trajectories_close(read_metrics(root / "ga-zero3"), read_metrics(root / "ga-one"),
+                              ("loss", "rewards/chosen", "logps/rejected", "learning_rate"))
+    assert_weights_close(final_weights(root / "ga-zero3"), final_weights(root / "ga-one"))

@@ -23,7 +23,14 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.logprobs import chunk_rows, chunked_token_logps, declares_logit_transform, token_logps
+from shared.logprobs import (
+    chunk_rows,
+    chunked_token_logps,
+    declares_logit_transform,
+    plain_head,
+    scored_states,
+    token_logps,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +43,7 @@ class HeadOutput:
 
 def add_chunked_head(model: torch.nn.Module) -> None:
     """Patch ``model.forward`` (call before wrapping with peft or accelerate)."""
-    plain = not declares_logit_transform(model.config)
+    plain = logits_are_plain_head(model)
     if not plain:
         log.warning("%s's logits are not a plain LM head (soft-capping or scaling): kto-train "
                     "falls back to the model's full logits, [batch, positions, vocabulary]",
@@ -55,33 +62,43 @@ def add_chunked_head(model: torch.nn.Module) -> None:
     model.forward = types.MethodType(forward, model)
 
 
+def logits_are_plain_head(model: torch.nn.Module) -> bool:
+    """Whether the model's logits are ``lm_head(last hidden state)``: no transform declared
+    in its config and, where the weights are in memory (not partitioned by ZeRO-3), the
+    same probe forward the scorer runs, so that both stages take the same path."""
+    if declares_logit_transform(model.config):
+        return False
+    if any(p.numel() == 0 for p in model.parameters()):  # ZeRO-3: weights partitioned
+        return True
+    return plain_head(model)[1] is not None
+
+
 def completion_logps(model, logps_fn, original, score_mask: torch.Tensor,
                      seq_index: torch.Tensor, num_seqs: int, rows: int, *,
                      input_ids: torch.Tensor, output_router_logits: bool = False,
                      **kwargs) -> HeadOutput:
-    target = score_mask[:, 1:]  # token t is predicted by the state at t - 1
-    tokens = input_ids[:, 1:][target]
-    index = seq_index[:, 1:][target]
     if output_router_logits:
         kwargs["output_router_logits"] = True
-    lp, outputs = logps_fn(model, original, input_ids, target, tokens, rows, kwargs)
-    sums = lp.new_zeros(num_seqs).index_add(0, index, lp)
+    lp, target, outputs = logps_fn(model, original, input_ids, score_mask, rows, kwargs)
+    sums = lp.new_zeros(num_seqs).index_add(0, seq_index[:, 1:][target], lp)
     aux = (router_aux_loss(model, outputs.router_logits, kwargs.get("attention_mask"))
            if output_router_logits else None)
     return HeadOutput(sums, aux)
 
 
-def _chunked_logps(model, original, input_ids, target, tokens, rows, kwargs):
+def _chunked_logps(model, original, input_ids, score_mask, rows, kwargs):
     body = getattr(model, model.base_model_prefix)
     outputs = body(input_ids=input_ids, use_cache=False, **kwargs)
-    states = outputs.last_hidden_state[:, :-1][target]
-    return chunked_token_logps(states, model.get_output_embeddings(), tokens, rows), outputs
+    states, tokens, target = scored_states(outputs.last_hidden_state, input_ids, score_mask)
+    lp = chunked_token_logps(states, model.get_output_embeddings(), tokens, rows)
+    return lp, target, outputs
 
 
-def _full_logits_logps(model, original, input_ids, target, tokens, rows, kwargs):
+def _full_logits_logps(model, original, input_ids, score_mask, rows, kwargs):
     """Models whose logits are not ``lm_head(hidden)``: their own forward, all logits."""
     outputs = original(input_ids=input_ids, use_cache=False, **kwargs)
-    return token_logps(outputs.logits[:, :-1][target], tokens), outputs
+    logits, tokens, target = scored_states(outputs.logits, input_ids, score_mask)
+    return token_logps(logits, tokens), target, outputs
 
 
 def router_aux_loss(model, router_logits, attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -14,7 +14,6 @@ import torch
 from shared.errors import ConfigError
 from train.config import TrainConfig
 from train.head import add_chunked_head
-from train.trackers import start_trackers
 
 log = logging.getLogger(__name__)
 
@@ -30,20 +29,26 @@ def make_accelerator(config: TrainConfig, out: Path):
     # cpu=True on a machine without CUDA: only then does accelerate treat a torchrun /
     # `accelerate launch --multi_gpu` start as multi-process CPU (gloo); else each process
     # would train alone.
+    # gradient accumulation through accelerate (`accumulate` in the loop): it syncs DDP only
+    # on the last micro-batch, scales the loss, and tells DeepSpeed where a step ends
     acc = Accelerator(mixed_precision="bf16" if config.bf16 else "no", log_with=log_with,
-                      project_dir=str(out), cpu=not torch.cuda.is_available())
+                      project_dir=str(out), cpu=not torch.cuda.is_available(),
+                      gradient_accumulation_steps=config.gradient_accumulation_steps)
     set_seed(config.seed)
-    start_trackers(acc, config, out)
-    return acc  # train_config.json is written once the run may use --output (run_folder)
+    # trackers start, and train_config.json is written, once the run may use --output
+    return acc
 
 
 def configure_deepspeed(accelerator, config: TrainConfig) -> None:
     """DeepSpeed sizes its engine from a DataLoader's batch size, which kto-train does not
-    use (it slices the epoch order itself): give it the micro-batch and accumulation."""
+    use (it slices the epoch order itself): give it the micro-batch and accumulation, and
+    --max-grad-norm (it clips in its own step)."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None:
         return
     ds = plugin.deepspeed_config
+    if config.max_grad_norm > 0:  # DeepSpeed clips inside its own step
+        ds["gradient_clipping"] = config.max_grad_norm
     ds["train_micro_batch_size_per_gpu"] = config.per_device_train_batch_size
     ds["gradient_accumulation_steps"] = config.gradient_accumulation_steps
     ds["train_batch_size"] = (config.per_device_train_batch_size

@@ -12,7 +12,6 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,7 @@ from train.setup import (
     router_aux_coef,
     save_final,
 )
-from train.trackers import tracker_values
+from train.trackers import start_trackers, tracker_values
 
 log = logging.getLogger(__name__)
 Reference = Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]
@@ -119,6 +118,7 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.checkpoints = Checkpointer(self.accelerator, self.out, c.save_total_limit, identity)
         start_run(self.accelerator, self.out, c, plan)
+        start_trackers(self.accelerator, c, self.out)  # only now may --output change
         self.step = self.checkpoints.load(plan.resume_from) if plan.resume_from else 0
         # only the main process touches metrics.jsonl (another would truncate it)
         self.metrics = (MetricsFile(self.out / "metrics.jsonl",
@@ -189,11 +189,12 @@ class Trainer:
                                        c.gradient_accumulation_steps, acc.num_processes)
                 batch = self._batch(self.rows, idx)
                 self._step_ids += batch["ids"]
-                sync = micro == c.gradient_accumulation_steps - 1
-                with nullcontext() if sync else acc.no_sync(self.model):
+                # syncs gradients on the last micro-batch only; backward divides the loss
+                # by the accumulation steps (DeepSpeed: its engine does)
+                with acc.accumulate(self.model):
                     out, logps, tokens = self.forward_loss(batch)
                     self._gathered(out, logps, batch["labels"], tokens, window, batch["ids"])
-                    acc.backward(out.loss / c.gradient_accumulation_steps)
+                    acc.backward(out.loss)
             grad_norm = self._optimizer_step()
             self.step += 1
             bar.update(1)

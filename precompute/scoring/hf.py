@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from precompute.scoring import Pair
-from shared.logprobs import chunk_rows, chunked_token_logps, plain_head, tail_logps
+from shared.logprobs import chunk_rows, chunked_token_logps, plain_head, scored_states, tail_logps
 
 log = logging.getLogger(__name__)
 HEAD_CHUNK = 0  # completion positions per LM-head chunk; 0 = shared.logprobs.chunk_rows
@@ -158,10 +158,8 @@ def completion_token_logps(hidden: torch.Tensor, head: torch.nn.Module, ids: tor
                            clen: torch.Tensor, rows_per_chunk: int) -> tuple[torch.Tensor, ...]:
     """(float32 log-prob of every completion token, its row), row by row in order."""
     b, t = ids.shape
-    # target column j (1..T-1) is in row r's completion when j >= T - clen[r]; the hidden
-    # state at column j - 1 predicts it
-    is_target = torch.arange(1, t, device=ids.device)[None, :] >= (t - clen)[:, None]
-    targets = ids[:, 1:][is_target]
-    states = hidden[:, :-1][is_target]
-    rows = torch.arange(b, device=ids.device)[:, None].expand(b, t - 1)[is_target]
+    # left-padded: column j is in row r's completion when j >= T - clen[r]
+    score_mask = torch.arange(t, device=ids.device)[None, :] >= (t - clen)[:, None]
+    states, targets, target = scored_states(hidden, ids, score_mask)
+    rows = torch.arange(b, device=ids.device)[:, None].expand(b, t - 1)[target]
     return chunked_token_logps(states, head, targets, rows_per_chunk), rows
