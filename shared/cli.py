@@ -91,7 +91,17 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if err.errno not in ENVIRONMENT_ERRNOS:
                 raise
             raise click.ClickException(str(StorageError(err.filename, err))) from None
+        except RuntimeError as err:  # torch.OutOfMemoryError is one; torch stays unimported
+            if type(err).__name__ != "OutOfMemoryError":
+                raise
+            raise click.ClickException(OUT_OF_MEMORY.format(str(err).splitlines()[0])) from None
     return wrapper
+
+
+OUT_OF_MEMORY = ("out of accelerator memory ({}). kto-precompute: lower --batch-tokens (hf) "
+                 "or --gpu-memory-utilization (vLLM); kto-train: lower "
+                 "--per-device-train-batch-size (and raise --gradient-accumulation-steps), keep "
+                 "--gradient-checkpointing on, or load the policy with --torch-dtype bfloat16")
 
 
 def _exit_with(message: str, code: int) -> click.ClickException:

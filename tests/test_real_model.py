@@ -74,6 +74,16 @@ def test_failed_materialization_leaves_no_folder(tmp_path):
     assert list((tmp_path / "models").iterdir()) == []  # no target, no temporary folder
 
 
+def test_a_folder_that_is_not_ours_is_refused_and_left_alone(tmp_path):
+    """--output ~/models must not be wiped because it lacks SOURCE.json."""
+    mine = tmp_path / "models"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ModelFetchError, match="is not a materialized"):
+        real_model.materialize(output=mine)
+    assert (mine / "notes.txt").read_text() == "keep me"
+
+
 def test_complete_folder_is_reused_without_fetching(tmp_path, monkeypatch):
     _no_index(monkeypatch, tmp_path)
     target = tmp_path / "m"

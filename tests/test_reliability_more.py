@@ -157,3 +157,31 @@ def test_a_filesystem_without_locks_warns_and_goes_on(tmp_path, monkeypatch, cap
     monkeypatch.setattr(fcntl, "flock", no_locks)
     FolderLock(tmp_path / ".lock", "x").acquire().release()
     assert "cannot lock" in caplog.text and "Function not implemented" in caplog.text
+
+
+def test_out_of_memory_is_one_line_with_the_knobs():
+    import click
+    import torch
+
+    from shared.cli import user_errors
+
+    @user_errors
+    def command():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0)")
+
+    with pytest.raises(click.ClickException) as info:
+        command()
+    assert info.value.message.startswith("out of accelerator memory (CUDA out of memory.")
+    message = info.value.message
+    assert "--batch-tokens" in message and "--gradient-checkpointing" in message
+
+
+def test_eval_cache_smaller_than_one_batch_over_all_processes_is_refused(caplog):
+    from shared.errors import KtoError
+    from train.trainer import eval_span_check
+
+    eval_span_check(3, 4, 1)  # one process: every row, in a short last batch
+    with pytest.raises(KtoError, match="fewer than one evaluation batch"):
+        eval_span_check(6, 4, 2)
+    eval_span_check(10, 2, 2)
+    assert "evaluating 8 of the eval cache's 10 rows" in caplog.text

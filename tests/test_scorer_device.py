@@ -5,100 +5,46 @@ the child); ``--backend auto``; the flat prompt-logprob reduction; the hf batch 
 
 from __future__ import annotations
 
-import importlib.machinery
+import json
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import KTO_DEMO
+from cuda_tripwire_driver import fake_vllm
 
 from precompute import scoring
-from precompute.config import PrecomputeConfig
-from precompute.run import run
 from precompute.scoring import hf
 from precompute.scoring.hf import HFScorer, activation_bytes_per_token, auto_batch_tokens
 from precompute.scoring.vllm_backend import sum_flat_logprobs, sum_prompt_logprobs
-from shared.tokenization import TokenizeOptions
 
-# Every torch.cuda entry point that creates a context or registers the fork poisoning
-CUDA_CALLS = ("is_available", "device_count", "init", "_lazy_init", "current_device",
-              "set_device", "get_device_properties", "get_device_name",
-              "get_device_capability", "mem_get_info", "memory_allocated",
-              "max_memory_allocated", "reset_peak_memory_stats", "synchronize",
-              "is_bf16_supported", "empty_cache")
+TESTS = Path(__file__).parent
 
 
-class EngineStarted(Exception):
-    """Raised by the fake engine once it has recorded what it saw."""
+def tripwire_run(tiny_dir, tmp_path, mode: str) -> dict:
+    proc = subprocess.run([sys.executable, str(TESTS / "cuda_tripwire_driver.py"),
+                           str(tiny_dir), str(KTO_DEMO), str(tmp_path / "cache"), mode],
+                          capture_output=True, text=True, timeout=300, cwd=TESTS.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def cuda_tripwire(monkeypatch) -> list[str]:
-    calls: list[str] = []
-    for name in CUDA_CALLS:
-        original = getattr(torch.cuda, name)
-
-        def wrapper(*args, _name=name, _original=original, **kwargs):
-            calls.append(_name)
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(torch.cuda, name, wrapper)
-    return calls
-
-
-def fake_vllm(monkeypatch, calls: list[str], on_cpu: bool) -> dict:
-    """A vllm package whose platform says GPU (or CPU) and whose LLM records the CUDA
-    calls made before it was constructed, then stops the run."""
-    seen: dict = {}
-
-    class LLM:
-        def __init__(self, **kwargs):
-            seen["cuda_calls_before_engine"] = list(calls)
-            seen["cuda_initialized"] = torch.cuda.is_initialized()
-            seen["kwargs"] = kwargs
-            raise EngineStarted
-
-    platform = types.SimpleNamespace(is_cpu=lambda: on_cpu)
-    modules = {"vllm": types.ModuleType("vllm"),
-               "vllm.platforms": types.ModuleType("vllm.platforms")}
-    for name, module in modules.items():
-        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-        monkeypatch.setitem(sys.modules, name, module)
-    modules["vllm"].LLM = LLM
-    modules["vllm"].platforms = modules["vllm.platforms"]
-    modules["vllm.platforms"].current_platform = platform
-    return seen
-
-
-def start_vllm_run(tiny_dir, tmp_path, backend="vllm"):
-    config = PrecomputeConfig(model=str(tiny_dir), data=(str(KTO_DEMO),), output=str(tmp_path),
-                              backend=backend, tokenize=TokenizeOptions(256, 128))
-    with pytest.raises(EngineStarted):
-        run(config)
-
-
-def test_vllm_engine_starts_before_any_cuda_call(tiny_dir, tmp_path, monkeypatch):
-    """The whole kto-precompute path up to vLLM's LLM(): on a GPU machine (vLLM's
-    platform says GPU) nothing may have asked torch.cuda anything yet."""
-    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)  # a CUDA torch
-    calls = cuda_tripwire(monkeypatch)
-    seen = fake_vllm(monkeypatch, calls, on_cpu=False)
-    start_vllm_run(tiny_dir, tmp_path, backend="auto")  # auto picks vLLM on a GPU
+def test_vllm_engine_starts_before_any_cuda_call(tiny_dir, tmp_path):
+    """The whole kto-precompute path up to vLLM's LLM() (--backend auto, which picks
+    vLLM on a GPU), in a fresh process: nothing may have asked torch.cuda anything yet."""
+    seen = tripwire_run(tiny_dir, tmp_path, "current")
     assert seen["cuda_calls_before_engine"] == []
     assert seen["cuda_initialized"] is False
-    # CUDA graphs and compilation stay on there (vLLM's defaults)
-    assert seen["kwargs"]["enforce_eager"] is False
+    assert seen["enforce_eager"] is False  # CUDA graphs and compilation stay on there
 
 
-def test_the_tripwire_sees_a_cuda_call(tiny_dir, tmp_path, monkeypatch):
+def test_the_tripwire_sees_a_cuda_call(tiny_dir, tmp_path):
     """The check above can fail: the old code asked torch.cuda.is_available() first."""
-    from precompute.scoring import vllm_backend
-
-    calls = cuda_tripwire(monkeypatch)
-    seen = fake_vllm(monkeypatch, calls, on_cpu=False)
-    monkeypatch.setattr(vllm_backend, "_on_cpu", lambda: not torch.cuda.is_available())
-    start_vllm_run(tiny_dir, tmp_path)
+    seen = tripwire_run(tiny_dir, tmp_path, "old-check")
     assert seen["cuda_calls_before_engine"] == ["is_available"]
 
 
@@ -111,7 +57,8 @@ def test_the_tripwire_sees_a_cuda_call(tiny_dir, tmp_path, monkeypatch):
 def test_auto_backend(monkeypatch, cuda_torch, vllm_cpu, installed, expected):
     monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: cuda_torch)
     monkeypatch.setattr(scoring, "vllm_installed", lambda: installed)
-    fake_vllm(monkeypatch, [], on_cpu=vllm_cpu)
+    fake_vllm(lambda name, module: monkeypatch.setitem(sys.modules, name, module), [],
+              on_cpu=vllm_cpu)
     assert scoring.resolve_backend("auto") == expected
     assert scoring.resolve_backend("vllm") == "vllm"
 

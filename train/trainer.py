@@ -58,6 +58,20 @@ def with_aux_loss(out: KTOLossOutput, aux: torch.Tensor, coef: float) -> KTOLoss
                                aux_loss=aux.detach())
 
 
+def eval_span_check(rows: int, per_device: int, world: int) -> None:
+    """Evaluation gathers equal batches from every process, so with several processes it
+    reads a multiple of per_device x processes rows: refuse an eval cache smaller than
+    that, and say how many rows a larger one leaves out."""
+    span = per_device * world
+    if world > 1 and rows < span:
+        raise KtoError(f"--eval-cache holds {rows} rows, fewer than one evaluation batch over "
+                       f"all processes ({per_device} x {world}); lower "
+                       "--per-device-train-batch-size or use a larger eval cache")
+    if world > 1 and rows % span:
+        log.warning("evaluating %d of the eval cache's %d rows (a multiple of %d x %d "
+                    "processes)", rows - rows % span, rows, per_device, world)
+
+
 def _to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
@@ -91,6 +105,8 @@ class Trainer:
         if self.accelerator.is_main_process:
             class_balance_warning(self.rows.manifest["counts"], c)
         world = self.accelerator.num_processes
+        if self.eval_rows is not None:
+            eval_span_check(len(self.eval_rows), c.per_device_train_batch_size, world)
         self.global_batch = c.per_device_train_batch_size * c.gradient_accumulation_steps * world
         self.steps_per_epoch = len(self.rows) // self.global_batch
         if self.steps_per_epoch == 0:
