@@ -68,13 +68,16 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/sweep.py --out runs/bench/sweep --records 12 --backend hf
 	$(BIN)/python benchmarks/scaling.py --out runs/bench/scaling
 
-# What benchmarks/h200.sh needs on the lent H200 (no package index there): the tested vLLM
-# 0.22 bundle from ../shared/gpu and the trl / datasets wheels for its Python 3.12, in the
-# git-ignored .gpu-carry/ (about 50 MiB), to name in the device tool's `carry`.
+# What benchmarks/h200.sh needs on the lent H200 (no package index, no ../shared there):
+# the tested vLLM 0.22 bundle from ../shared/gpu, the trl / datasets wheels for its Python
+# 3.12 and the two real demo files, in the git-ignored .gpu-carry/ (about 45 MiB), to name
+# in the device tool's `carry`.
 GPU_WHEELS := trl==1.16.0 datasets==5.2.0 dill==0.4.0 multiprocess==0.70.18 click==8.1.8
 gpu-carry: $(STAMP)
 	rm -rf .gpu-carry && mkdir -p .gpu-carry/whl
-	cp -r ../shared/gpu/vllm-0.22-bundle .gpu-carry/ && chmod -R u+w .gpu-carry
+	cp -r ../shared/gpu/vllm-0.22-bundle .gpu-carry/ && mkdir -p .gpu-carry/data
+	cp ../shared/data/kto_en_demo.json ../shared/data/dpo_en_demo.json ../shared/data/README.md \
+	    .gpu-carry/data/ && chmod -R u+w .gpu-carry
 	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
 	    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 	    --platform manylinux2014_x86_64 -d .gpu-carry/whl $(GPU_WHEELS)

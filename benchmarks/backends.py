@@ -58,28 +58,33 @@ def signed(a, b) -> dict:
 
 
 def naive_tokens(model_dir: Path, pairs) -> list[np.ndarray]:
-    """One sequence at a time, no padding, full float32 logits, float64 log-softmax."""
+    """One sequence at a time, no padding, full float32 logits, float64 log-softmax (on
+    the GPU where there is one)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     out = []
     with torch.no_grad():
         for p, c in pairs:
-            ids = torch.tensor([list(p) + list(c)])
-            logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
-            out.append(logp[len(p) - 1:-1].gather(-1, ids[0, len(p):, None])[:, 0].numpy())
+            ids = torch.tensor([list(p) + list(c)], device=device)
+            logp = torch.log_softmax(model.eval()(input_ids=ids).logits[0].double(), dim=-1)
+            out.append(logp[len(p) - 1:-1].gather(-1, ids[0, len(p):, None])[:, 0].cpu().numpy())
     return out
 
 
-def vllm_tokens(model: Path, pairs, work: Path) -> list[np.ndarray]:
-    (work / "token-pairs.json").write_text(json.dumps(pairs))
-    cmd = [sys.executable, str(Path(__file__).parent / "vllm_tokens.py"), str(model), "float32",
-           str(work / "token-pairs.json"), str(work / "token-vllm.json")]
-    with open(work / "token-vllm.log", "w") as log:
+def vllm_tokens(model: Path, pairs, work: Path, dtype: str = "float32") -> list[np.ndarray]:
+    """vLLM's per-token values in its own process (benchmarks/vllm_tokens.py)."""
+    pairs_file, out, log_file = (work / f"token-{name}" for name in
+                                 ("pairs.json", f"vllm-{dtype}.json", f"vllm-{dtype}.log"))
+    pairs_file.write_text(json.dumps(pairs))
+    cmd = [sys.executable, str(Path(__file__).parent / "vllm_tokens.py"), str(model), dtype,
+           str(pairs_file), str(out)]
+    with open(log_file, "w") as log:
         if subprocess.run(cmd, stdout=log, stderr=log, cwd=ROOT).returncode != 0:
-            sys.exit(f"vllm_tokens.py failed; see {work / 'token-vllm.log'}")
-    return [np.array(t) for t in json.loads((work / "token-vllm.json").read_text())]
+            sys.exit(f"vllm_tokens.py failed; see {log_file}")
+    return [np.array(t) for t in json.loads(out.read_text())]
 
 
 def sample(n_rows: int, k: int) -> list[int]:

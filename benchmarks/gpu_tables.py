@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED_DATA, checked, command_line, data_slice, measure, table, versions  # noqa: E402,I001
+from common import REAL_DATA, SHARED_DATA, command_line, data_slice, measure, table, versions  # noqa: E402,I001
 from gpu import DeviceMemory, build_qwen2, device_gemm_peak, flops_per_token, on_gpu  # noqa: E402
 
 TINY = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2,
@@ -36,13 +37,12 @@ BENCH = Path(__file__).resolve().parent
 
 
 def setup(args, peak: bool = True) -> tuple[Path, list[str], dict]:
-    """Model, data and machine facts; ``peak=False`` skips the GEMM, which would start
-    CUDA in this process (the agreement table starts vLLM engines here first)."""
+    """Model, data and machine facts (``peak=False``: without the GEMM peak)."""
     name = "tiny" if args.tiny else args.shape
     model = build_qwen2(args.out.parent / f"model-qwen2-{name}", SHAPES[name])
     records = 12 if args.tiny and not args.records else args.records
     data = (data_slice(args.out / "data", records) if records else
-            [str(SHARED_DATA / "kto_en_demo.json"), str(SHARED_DATA / "dpo_en_demo.json")])
+            [str(SHARED_DATA / name) for name in REAL_DATA])
     info = {"gpu": _gpu_name(), "versions": versions(), "model": name,
             **flops_per_token(model),
             "gemm_peak_tflops_bfloat16": (round(device_gemm_peak("bfloat16") / 1e12, 2)
@@ -55,13 +55,21 @@ def _gpu_name() -> str | None:
     # NVML, not torch.cuda: this process may still start a vLLM engine
     names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                            capture_output=True, text=True) if shutil.which("nvidia-smi") else None
-    return names.stdout.strip().splitlines()[0] if names and names.returncode == 0 else None
+    lines = names.stdout.strip().splitlines() if names and names.returncode == 0 else []
+    return lines[0] if lines else None
+
+
+class RunFailed(Exception):
+    """One tool's run exited non-zero; the table records it and goes on."""
 
 
 def run(cmd: list[str], what: str) -> tuple[dict, float, float, float | None]:
     """(last JSON object printed, wall seconds, peak host RSS GiB, device GiB)."""
     with DeviceMemory() as mem:
-        m = checked(measure(cmd), what)
+        m = measure(cmd)
+    if m.returncode != 0:
+        tail = " | ".join(m.stderr.strip().splitlines()[-3:])
+        raise RunFailed(f"{what}: exit {m.returncode}: {tail[-400:]}")
     out = m.stdout
     summary = json.loads(out[out.rindex("\n{") + 1:] if "\n{" in out else out[out.index("{"):])
     return summary, round(m.seconds, 1), round(m.peak_rss_gib, 2), mem.gib
@@ -91,24 +99,49 @@ def trl_precompute(model: Path, cache: Path, tokens: int, batch: int, dtype: str
             "dtype": s["settings"]["weights_dtype"]}
 
 
+def attempt(args, label: str, fn, *fn_args) -> dict:
+    """One measurement. A failure becomes a row instead of ending the table, and every
+    result is appended to OUT/runs.jsonl at once: a run cut short keeps what finished."""
+    try:
+        result = fn(*fn_args)
+    except RunFailed as err:
+        result = {"error": str(err)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({"run": label, **result})
+    # KTO_RUNS_LOG: a second copy where the device tool collects files (benchmarks/h200.sh)
+    for log_file in {args.out / "runs.jsonl", Path(os.environ.get("KTO_RUNS_LOG") or
+                                                   args.out / "runs.jsonl")}:
+        with open(log_file, "a") as f:
+            f.write(line + "\n")
+    print(line, flush=True)
+    return result
+
+
 def scoring(args) -> None:
     model, data, info = setup(args)
     limit = info["gemm_peak_tflops_bfloat16"] * 1e12 / info["flops_per_token"]
-    runs = {b: precompute(model, data, args.out / f"cache-{b}", b, args.dtype, args.max_length)
-            for b in ("vllm", "hf")}
-    runs["trl"] = trl_precompute(model, args.out / "cache-hf", runs["hf"]["tokens"],
-                                 args.trl_batch_size, args.dtype)
+    runs = {b: attempt(args, b, precompute, model, data, args.out / f"cache-{b}", b, args.dtype,
+                       args.max_length) for b in ("hf", "vllm")}
+    runs["trl"] = (attempt(args, "trl", trl_precompute, model, args.out / "cache-hf",
+                           runs["hf"]["tokens"], args.trl_batch_size, args.dtype)
+                   if "error" not in runs["hf"] else {"error": "no hf cache to score"})
     names = {"vllm": "kto-precompute, vLLM", "hf": "kto-precompute, transformers (auto batch)",
              "trl": f"TRL 1.16 precompute (batch {args.trl_batch_size})"}
-    trl_rate = runs["trl"]["tokens"] / runs["trl"]["seconds"]
+    trl = runs["trl"]
+    trl_rate = trl["tokens"] / trl["seconds"] if "error" not in trl else None
     rows = []
     for b, r in runs.items():
+        if "error" in r:
+            rows.append([names[b], args.dtype, "failed", "", "", "", "", "", r["error"][:80]])
+            continue
         rate = r["tokens"] / r["seconds"]
-        rows.append([names[b], r["dtype"], f"{rate:,.0f}", f"{rate / trl_rate:.2f}x",
+        rows.append([names[b], r["dtype"], f"{rate:,.0f}",
+                     f"{rate / trl_rate:.2f}x" if trl_rate else "",
                      f"{100 * rate / limit:.0f}%", r["wall"], _gib(r["torch_peak_gib"]),
                      _gib(r["device_gib"]), r["rss_gib"]])
+    tokens = next((r["tokens"] for r in runs.values() if "tokens" in r), 0)
     md = (f"`{command_line()}`: {info['model']} ({info['total'] / 1e6:.0f}M parameters), "
-          f"{runs['hf']['tokens']:,} tokens scored per run, GPU {info['gpu']}, FLOP limit "
+          f"{tokens:,} tokens scored per run, GPU {info['gpu']}, FLOP limit "
           f"{info['gemm_peak_tflops_bfloat16']} TFLOP/s (bf16 GEMM here) / "
           f"{info['flops_per_token'] / 1e9:.2f} GFLOP per token = {limit:,.0f} tokens/s.\n\n")
     md += table(["scorer", "dtype", "tokens/s", "vs TRL", "of FLOP limit", "wall s",
@@ -174,15 +207,17 @@ def train(args) -> None:
     runs = []
     for label, dtype, gc in SETTINGS:
         for trainer in TRAINERS:
-            out = args.out / f"{trainer}-{dtype}-{'gc' if gc else 'nogc'}"
-            r = (kto_train_run(model, cache, out, dtype, gc, args) if trainer == "kto-train"
-                 else trl_run(model, cache, trainer.removeprefix("trl-"), dtype, gc, args))
+            name = f"{trainer}-{dtype}-{'gc' if gc else 'nogc'}"
+            r = (attempt(args, name, kto_train_run, model, cache, args.out / name, dtype, gc,
+                         args) if trainer == "kto-train" else
+                 attempt(args, name, trl_run, model, cache, trainer.removeprefix("trl-"),
+                         dtype, gc, args))
             runs.append({"setting": label, "trainer": trainer, "torch_dtype": dtype,
                          "gradient_checkpointing": gc, "bf16_autocast": True, **r})
-            print(json.dumps(runs[-1]), flush=True)
     if args.packed:  # padding-free with flex attention, TRL's defaults otherwise
-        r = kto_train_run(model, cache, args.out / "kto-train-packed", "float32", True, args,
-                          ("--attn-implementation", "flex_attention", "--padding-free"))
+        r = attempt(args, "kto-train-packed", kto_train_run, model, cache,
+                    args.out / "kto-train-packed", "float32", True, args,
+                    ("--attn-implementation", "flex_attention", "--padding-free"))
         runs.append({"setting": SETTINGS[0][0], "trainer": "kto-train, packed (flex)",
                      "torch_dtype": "float32", "gradient_checkpointing": True,
                      "bf16_autocast": True, **r})
@@ -190,10 +225,15 @@ def train(args) -> None:
 
 
 def train_table(runs: list[dict], info: dict, args) -> str:
-    live = {r["setting"]: r for r in runs if r["trainer"] == "trl-live"}
+    live = {r["setting"]: r for r in runs if r["trainer"] == "trl-live" and "error" not in r}
     rows = []
     for r in runs:
         ref = live.get(r["setting"])
+        if "error" in r:
+            rows.append([r["setting"], r["trainer"], r["torch_dtype"],
+                         "on" if r["gradient_checkpointing"] else "off", "failed", "", "", "",
+                         r["error"][:80]])
+            continue
         rows.append([r["setting"], r["trainer"], r["torch_dtype"],
                      "on" if r["gradient_checkpointing"] else "off", f"{r['s_per_step']:.3f}",
                      f"{r['s_per_step'] / ref['s_per_step']:.2f}x" if ref else "",
@@ -211,16 +251,16 @@ def train_table(runs: list[dict], info: dict, args) -> str:
 
 def agreement(args) -> None:
     """Per sequence and per token, on a sample of rows: vLLM and hf, float32 and bf16,
-    against the naive oracle (one sequence at a time, float64 log-softmax). vLLM runs
-    first: its engine must start before this process touches CUDA."""
+    against the naive oracle (one sequence at a time, float64 log-softmax). vLLM runs in
+    its own process (benchmarks/vllm_tokens.py, as backends.py does)."""
     import numpy as np
+    from backends import naive_tokens, vllm_tokens
 
-    model, data, info = setup(args, peak=False)
+    model, data, info = setup(args)
     cache = args.out / "cache-hf-float32"
     precompute(model, data, cache, "hf", "float32", args.max_length)
     pairs = sample_pairs(cache, args.sample)
-    tokens = {f"vllm {d}": vllm_tokens(model, d, pairs, args.max_length)
-              for d in ("float32", "bfloat16")}
+    tokens = {f"vllm {d}": vllm_tokens(model, pairs, args.out, d) for d in ("float32", "bfloat16")}
     tokens |= {f"hf {d}": hf_tokens(model, d, pairs) for d in ("float32", "bfloat16")}
     naive = naive_tokens(model, pairs)
     rows, result = [], {}
@@ -242,33 +282,12 @@ def agreement(args) -> None:
 
 def sample_pairs(cache: Path, n: int) -> list[tuple[list[int], list[int]]]:
     import numpy as np
-    import pyarrow.parquet as pq
 
-    manifest = json.loads((cache / "manifest.json").read_text())
-    rows = [r for s in manifest["shards"] for r in
-            pq.read_table(cache / s["name"], columns=["prompt_ids", "completion_ids"]).to_pylist()]
+    from shared.dataset import open_cache
+
+    rows = open_cache(cache, columns=["prompt_ids", "completion_ids"]).table.to_pylist()
     idx = np.linspace(0, len(rows) - 1, min(n, len(rows))).astype(int)
     return [(rows[i]["prompt_ids"], rows[i]["completion_ids"]) for i in idx]
-
-
-def vllm_tokens(model: Path, dtype: str, pairs, max_length: int) -> list:
-    import numpy as np
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    from precompute.scoring.vllm_backend import VLLMScorer
-
-    scorer = VLLMScorer(str(model), dtype, max_model_len=max_length + 1, tensor_parallel_size=1,
-                        gpu_memory_utilization=0.5, cpu_kv_cache_gib=1, seed=0)
-    try:
-        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False,
-                                **({"flat_logprobs": True} if scorer.flat else {}))
-        outs = scorer.llm.generate([TokensPrompt(prompt_token_ids=[*p, *c]) for p, c in pairs],
-                                   params, use_tqdm=False)
-    finally:
-        scorer.close()
-    return [np.array([o.prompt_logprobs[len(p) + i][t].logprob for i, t in enumerate(c)])
-            for o, (p, c) in zip(outs, pairs, strict=True)]
 
 
 def hf_tokens(model: Path, dtype: str, pairs) -> list:
@@ -284,23 +303,8 @@ def hf_tokens(model: Path, dtype: str, pairs) -> list:
                              position_ids=pos).last_hidden_state
         lp, rows = completion_token_logps(hidden, scorer.head, ids, clen, scorer.head_rows)
     lp, rows = lp.double().cpu().numpy(), rows.cpu().numpy()
+    scorer.close()
     return [lp[rows == r] for r in range(len(pairs))]
-
-
-def naive_tokens(model: Path, pairs) -> list:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    device = "cuda" if on_gpu() else "cpu"
-    ref = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(device).eval()
-    out = []
-    with torch.inference_mode():
-        for p, c in pairs:
-            ids = torch.tensor([[*p, *c]], device=device)
-            logp = torch.log_softmax(ref(input_ids=ids).logits[0].double(), dim=-1)
-            target = ids[0, len(p):]
-            out.append(logp[len(p) - 1:-1].gather(-1, target[:, None])[:, 0].cpu().numpy())
-    return out
 
 
 def masks(args) -> None:

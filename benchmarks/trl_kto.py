@@ -17,17 +17,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 
 def cache_dataset(cache: Path):
     """Our cache's rows in TRL's post-tokenization column names, in cache order."""
     from datasets import Dataset
 
-    manifest = json.loads((cache / "manifest.json").read_text())
+    from shared.dataset import open_cache
+
     cols = ["prompt_ids", "completion_ids", "kl_completion_ids", "label"]
-    tables = [pq.read_table(cache / s["name"], columns=cols) for s in manifest["shards"]]
-    data = {c: [v for t in tables for v in t[c].to_pylist()] for c in cols}
+    data = open_cache(cache, columns=cols).table.to_pydict()
     data["KL_completion_ids"] = data.pop("kl_completion_ids")
     return Dataset.from_dict(data)
 

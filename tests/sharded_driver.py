@@ -5,7 +5,7 @@ accelerate 1.15 builds its FSDP / DeepSpeed plugin from `accelerate launch --use
 types, and `not cpu` for DeepSpeed; a CPU run stays plain gloo DDP). This driver lets a
 CPU run take accelerate's FSDP2 or DeepSpeed path as it is (its wrapping, state dicts,
 checkpoints): everything after that is the same code a GPU run executes. Usage:
-accelerate launch --use_fsdp|--use_deepspeed ... fsdp_driver.py [kto-train options]."""
+accelerate launch --use_fsdp|--use_deepspeed ... sharded_driver.py [kto-train options]."""
 
 import sys
 

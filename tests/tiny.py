@@ -5,11 +5,15 @@ the real demo files, so their tokenization is realistic."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from train import demo
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# the real demo data beside the checkout (KTO_SHARED_DATA where it lies elsewhere: the
+# tokenizer below is trained on it, so every machine must see the same files)
+SHARED_DATA = Path(os.environ.get("KTO_SHARED_DATA")
+                   or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 def corpus() -> list[str]:
