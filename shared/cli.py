@@ -26,6 +26,17 @@ def setup_logging(verbose: bool) -> None:
 
 
 
+def quiet_deepspeed_probe() -> None:
+    """deepspeed, when installed (the test extra has it), guesses its device when
+    transformers imports it during a save and, on a machine without CUDA, prints a warning
+    to stdout: name the device for it there. Only for programs that may touch CUDA (never
+    kto-precompute, whose vLLM engine must start first)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 @contextlib.contextmanager
 def summary_stdout() -> Iterator[TextIO]:
     """Standard output is for the JSON summary that pipelines parse: while the command

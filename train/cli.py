@@ -9,7 +9,14 @@ from contextlib import nullcontext
 
 import click
 
-from shared.cli import config_param, setup_logging, strict_json, summary_stdout, user_errors
+from shared.cli import (
+    config_param,
+    quiet_deepspeed_probe,
+    setup_logging,
+    strict_json,
+    summary_stdout,
+    user_errors,
+)
 from shared.signals import SignalGuard
 from train.config import OPTIMIZERS, REPORT_TO, SCHEDULERS, TORCH_DTYPES, TrainConfig
 from train.loss import LOSS_TYPES
@@ -81,6 +88,7 @@ def _option(field: dataclasses.Field) -> click.Option:
 @user_errors
 def _run(verbose: bool, **options) -> None:
     setup_logging(verbose)
+    quiet_deepspeed_probe()
     from train.trainer import Trainer
 
     config = TrainConfig(**options)

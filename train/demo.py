@@ -13,7 +13,6 @@ engine warnings go to OUTPUT_DIR/logs/; the terminal shows progress and results.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import click
 
+from shared.cli import quiet_deepspeed_probe
 from shared.errors import KtoError
 
 CHAT_TEMPLATE = (
@@ -216,14 +216,10 @@ def run_tiny(out: Path) -> None:
 @click.option("--tiny", is_flag=True,
               help="A tiny random Llama instead of SmolLM2 (no download; replies mean nothing).")
 def main(output: Path | None, tiny: bool) -> None:
-    import torch
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars are not the demo's progress
-    if not torch.cuda.is_available():
-        # deepspeed (in the test extra) logs a warning to stdout when transformers imports
-        # it on a save and it has to guess the device; the demo never uses it
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    quiet_deepspeed_probe()
     out = output or Path("runs/demo-tiny" if tiny else "runs/demo")
     t0 = time.monotonic()
     try:

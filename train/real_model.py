@@ -33,6 +33,7 @@ from pathlib import Path
 
 import click
 
+from shared.cli import quiet_deepspeed_probe
 from shared.errors import KtoError
 from shared.fingerprint import sha256_file
 
@@ -212,6 +213,7 @@ def main(output: Path | None, wheel: Path | None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s", datefmt="%H:%M:%S")
     hf_logging.disable_progress_bar()  # per-tensor bars; our log lines say what is going on
+    quiet_deepspeed_probe()
     try:
         click.echo(materialize(output, wheel))
     except KtoError as err:
