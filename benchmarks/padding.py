@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from precompute.scoring.hf import token_budget_batches  # noqa: E402
+from precompute.scoring.hf import CPU_BATCH_TOKENS, token_budget_batches  # noqa: E402
 from shared.dataset import open_cache  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def padding(pairs, batch_tokens: int) -> dict[str, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("cache", type=Path)
-    ap.add_argument("--batch-tokens", type=int, default=16384)
+    ap.add_argument("--batch-tokens", type=int, default=CPU_BATCH_TOKENS)
     args = ap.parse_args()
     n = padding(cache_pairs(args.cache), args.batch_tokens)
     body = 1 - n["real_tokens"] / n["body_positions"]

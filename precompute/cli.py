@@ -83,7 +83,7 @@ def main() -> None:
               help="Count invalid records by reason in the manifest instead of stopping.")
 @click.option("--overwrite", is_flag=True, help="Replace a cache made with other settings.")
 @click.option("--batch-tokens", type=AutoInt(), default="auto", show_default=True,
-              help="hf backend: padded tokens per forward batch; auto = 16384 on CPU, on a "
+              help="hf backend: padded tokens per forward batch; auto = 4096 on CPU, on a "
                    "GPU from its free memory and the model's size.")
 @click.option("--tensor-parallel-size", type=int, default=1, show_default=True)
 @click.option("--gpu-memory-utilization", type=float,
