@@ -66,15 +66,17 @@ def _run_locked(config: PrecomputeConfig, scorer: Scorer | None, out: Path,
     identity = cache_identity(config, backend, tokenizer)
     cache_key = sha256_json(identity)
     _claim_output(out, cache_key, config)
-    with tempfile.TemporaryDirectory(prefix="kto-precompute-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="kto-precompute-", ignore_cleanup_errors=True) as tmp:
         spill = Path(tmp) / "rows.arrow"
         with writing(spill, where="TMPDIR"):
             prepared = prepare(config.data, tokenizer, config.tokenize, config.format,
                                parse_column_map(config.columns), config.skip_invalid, spill)
-        bounds = shard_bounds(prepared.rows.num_rows, config.shard_size)
-        mine = worker_shards(len(bounds), config.num_workers, config.worker_index)
-        infos, scored = _write_shards(config, backend, prepared.rows, bounds, mine, cache_key,
-                                      out, scorer)
+    # the rows stay memory-mapped: POSIX keeps an unlinked file's pages while a mapping
+    # holds them, so a kill -9 while scoring leaves nothing in $TMPDIR
+    bounds = shard_bounds(prepared.rows.num_rows, config.shard_size)
+    mine = worker_shards(len(bounds), config.num_workers, config.worker_index)
+    infos, scored = _write_shards(config, backend, prepared.rows, bounds, mine, cache_key,
+                                  out, scorer)
     manifest = build_manifest(identity, cache_key, prepared, len(bounds), infos, backend, config)
     write_json(out / part_manifest_name(config.num_workers, config.worker_index), manifest)
     if config.num_workers == 1:

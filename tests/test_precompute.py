@@ -4,6 +4,7 @@ contract, resume after kill -9, workers, bad input, verification."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -73,9 +74,13 @@ def test_resume_after_kill_equals_uninterrupted_run(tiny_dir, tmp_path):
     args = ["--model", str(tiny_dir), "--data", str(data), "--backend", "hf",
             "--shard-size", "8", "--output"]
     crashed = tmp_path / "crashed"
+    tmpdir = tmp_path / "TMPDIR"
+    tmpdir.mkdir()
     proc = subprocess.run([sys.executable, str(TESTS / "crash_driver.py"), "3", *args,
-                           str(crashed)], capture_output=True, text=True, cwd=TESTS.parent)
+                           str(crashed)], capture_output=True, text=True, cwd=TESTS.parent,
+                          env={**os.environ, "TMPDIR": str(tmpdir)})
     assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not list(tmpdir.iterdir())  # the rows' spill file went before scoring began
     assert not (crashed / "manifest.json").exists()
     assert len(list(crashed.glob("shard-*.parquet"))) == 3
     assert len(list(crashed.glob(".shard-*.tmp-*"))) == 1  # the half-written shard

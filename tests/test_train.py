@@ -93,9 +93,13 @@ def test_resume_after_kill_equals_uninterrupted(setup):
     clean = root / "uninterrupted"
     assert CliRunner().invoke(main, [*args, "--output", str(clean)]).exit_code == 0
     crashed = root / "crashed"
+    tmpdir = root / "TMPDIR"
+    tmpdir.mkdir()
     proc = subprocess.run([sys.executable, str(TESTS / "train_crash_driver.py"), "4", *args,
-                           "--output", str(crashed)], capture_output=True, text=True)
+                           "--output", str(crashed)], capture_output=True, text=True,
+                          env={**os.environ, "TMPDIR": str(tmpdir)})
     assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not list(tmpdir.iterdir())  # the cache's copy went when setup was done
     assert (crashed / "checkpoint-3").is_dir() and not (crashed / "model.safetensors").exists()
     result = CliRunner().invoke(main, [*args, "--output", str(crashed),
                                        "--resume-from-checkpoint", "latest"])

@@ -89,7 +89,6 @@ class Trainer:
         self.signals = signals or SignalGuard()
         self.timing: dict[str, float] = {}  # steps_run, train_seconds (filled by train)
         self.out = Path(config.output)
-        self._tmp = tempfile.TemporaryDirectory(prefix="kto-train-")
 
     # ---- setup -----------------------------------------------------------------------
     def setup(self) -> None:
@@ -98,10 +97,13 @@ class Trainer:
         self.accelerator = make_accelerator(c, self.out)
         self._lock = lock_output(self.accelerator, self.out)  # one run at a time in --output
         self.tokenizer = load_tokenizer(c)
-        self.rows = open_cache(c.cache, self.tokenizer, Path(self._tmp.name) / "train.arrow")
-        self.eval_rows = (open_cache(c.eval_cache, self.tokenizer,
-                                     Path(self._tmp.name) / "eval.arrow")
-                          if c.eval_cache else None)
+        # the caches' rows are copied into $TMPDIR and memory-mapped; the files go when
+        # setup is done (POSIX keeps an unlinked file's pages while a mapping holds them), so
+        # a kill -9 during training leaves nothing behind
+        with tempfile.TemporaryDirectory(prefix="kto-train-", ignore_cleanup_errors=True) as tmp:
+            self.rows = open_cache(c.cache, self.tokenizer, Path(tmp) / "train.arrow")
+            self.eval_rows = (open_cache(c.eval_cache, self.tokenizer, Path(tmp) / "eval.arrow")
+                              if c.eval_cache else None)
         if self.accelerator.is_main_process:
             class_balance_warning(self.rows.manifest["counts"], c)
         world = self.accelerator.num_processes
@@ -296,11 +298,10 @@ class Trainer:
             save_final(self.accelerator, self.model, self.tokenizer, self.config, self.out)
 
     def cleanup(self) -> None:
-        """Safe after a partial setup: the temporary copy of the cache always goes."""
+        """Safe after a partial setup."""
         try:
             if hasattr(self, "accelerator"):
                 self.accelerator.end_training()
         finally:
-            self._tmp.cleanup()
             if getattr(self, "_lock", None) is not None:
                 self._lock.release()
