@@ -33,7 +33,7 @@ $(AIRFLOW_STAMP):
 	touch $(AIRFLOW_STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check shared precompute train tests benchmarks
+	$(BIN)/ruff check shared precompute train tests benchmarks pipelines
 
 test: lint $(AIRFLOW_STAMP)
 	$(BIN)/python -m pytest -q

@@ -85,6 +85,17 @@ def test_optim_flag_chooses_the_adamw_kernel(setup):
         assert build_optimizer(model, config).defaults["fused"] is fused
 
 
+def test_eval_steps_without_eval_cache_is_refused():
+    """transformers' Trainer refuses evaluation steps without an eval set; silently
+    training without evaluation would hide the user's mistake."""
+    from shared.errors import ConfigError
+    from train.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="--eval-steps 5 needs --eval-cache"):
+        TrainConfig(model="m", cache="c", output="o", eval_steps=5)
+    TrainConfig(model="m", cache="c", output="o", eval_steps=5, eval_cache="e")  # accepted
+
+
 def test_resume_after_kill_equals_uninterrupted(setup):
     root = setup["root"]
     args = ["--model", str(setup["policy"]), "--cache", str(setup["cache"]),

@@ -94,6 +94,9 @@ class TrainConfig:
         _check_run_options(self)
         if self.eval_only and not self.eval_cache:
             raise ConfigError("--eval-only needs --eval-cache")
+        if self.eval_steps and not self.eval_cache:  # as transformers' Trainer refuses it
+            raise ConfigError(f"--eval-steps {self.eval_steps} needs --eval-cache (a "
+                              "kto-precompute cache of held-out rows), or drop --eval-steps")
         if self.max_steps < 1 and self.num_train_epochs <= 0:
             raise ConfigError("set --num-train-epochs > 0 or --max-steps >= 1")
 

@@ -58,8 +58,10 @@ def combine_command(params: dict) -> str:
 
 def train_command(params: dict) -> str:
     out = Path(params["output"])
-    return (f"{_tool(params, 'kto-train')} --model {shlex.quote(params['policy'] or params['model'])}"
-            f" --cache {shlex.quote(str(out / 'cache'))} --output {shlex.quote(str(out / 'policy'))}"
+    policy = shlex.quote(params["policy"] or params["model"])
+    return (f"{_tool(params, 'kto-train')} --model {policy}"
+            f" --cache {shlex.quote(str(out / 'cache'))}"
+            f" --output {shlex.quote(str(out / 'policy'))}"
             f" --resume-from-checkpoint latest {params['train_args']}")
 
 
