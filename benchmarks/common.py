@@ -139,7 +139,20 @@ def machine(dtype: str = "float32") -> dict:
             "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             f"gemm_peak_gflops_{dtype}": round(gemm_peak(dtype) / 1e9, 1),
-            "versions": versions()}
+            "versions": versions(), "commit": git_commit()}
+
+
+def git_commit() -> str | None:
+    """The checkout's commit, "+dirty" when the working tree differs from it; None
+    outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, text=True, capture_output=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def _cpu_name() -> str:
