@@ -3,8 +3,8 @@
 The materialization's own paths (hash check, unreachable index, no half folder, reuse,
 the copy that drops the GGUF mark) run everywhere on tiny inputs. Tests marked
 ``real_model`` need the materialized folder (`make real-model`); without it they are
-skipped, unless KTO_REQUIRE_REAL_MODEL=1 (set by `make test` and `make learning-check`)
-makes a missing folder a failure."""
+skipped, unless KTO_REQUIRE_REAL_MODEL=1 (set by `make learning-check`) makes a missing
+folder a failure."""
 
 from __future__ import annotations
 
