@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -61,16 +62,8 @@ def write_shard(directory: Path, name: str, table: pa.Table, cache_key: str) -> 
     even without the manifest."""
     table = table.cast(SCHEMA).replace_schema_metadata({_META_KEY: cache_key.encode()})
     final = directory / name
-    tmp = directory / f".{name}.tmp-{os.getpid()}"
-    try:
-        pq.write_table(table, tmp, compression="zstd", write_page_checksum=True)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except OSError as err:
-        raise StorageError(final, err) from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    _atomic_write(final, lambda tmp: pq.write_table(table, tmp, compression="zstd",
+                                                    write_page_checksum=True))
     return ShardInfo(name, table.num_rows, table_tokens(table), sha256_file(final))
 
 
@@ -104,15 +97,22 @@ def non_finite_rows(table: pa.Table) -> dict[str, int]:
 
 
 def write_json(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    text = json.dumps(value, indent=2, allow_nan=False) + "\n"
+    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _atomic_write(final: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` into a hidden file beside ``final``, fsync, rename over ``final``:
+    readers see the old file or the new one, never a part. A disk error is a StorageError
+    naming ``final``; the hidden file never stays."""
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(value, indent=2, allow_nan=False) + "\n")
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, final)
     except OSError as err:
-        raise StorageError(path, err) from None
+        raise StorageError(final, err) from None
     finally:
         tmp.unlink(missing_ok=True)
 
