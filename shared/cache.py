@@ -5,8 +5,6 @@ atomically, and a manifest that lists each shard with its rows, tokens and SHA-2
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +15,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from shared import CACHE_FORMAT_VERSION
-from shared.errors import CacheError, StorageError
+from shared.errors import CacheError
+from shared.files import atomic_write, atomic_write_text
 from shared.fingerprint import sha256_file
-from shared.manifest import REWRITE, check_manifest, load_json_object, shard_name
+from shared.manifest import REWRITE, cache_key_of, check_manifest, load_json_object, shard_name
 
 __all__ = ["MANIFEST", "SCHEMA", "ShardInfo", "shard_name", "verify_cache", "write_shard"]
 MANIFEST = "manifest.json"
@@ -62,8 +61,8 @@ def write_shard(directory: Path, name: str, table: pa.Table, cache_key: str) -> 
     even without the manifest."""
     table = table.cast(SCHEMA).replace_schema_metadata({_META_KEY: cache_key.encode()})
     final = directory / name
-    _atomic_write(final, lambda tmp: pq.write_table(table, tmp, compression="zstd",
-                                                    write_page_checksum=True))
+    atomic_write(final, lambda f: pq.write_table(table, f, compression="zstd",
+                                                 write_page_checksum=True))
     return ShardInfo(name, table.num_rows, table_tokens(table), sha256_file(final))
 
 
@@ -98,23 +97,7 @@ def non_finite_rows(table: pa.Table) -> dict[str, int]:
 
 def write_json(path: Path, value: dict[str, Any]) -> None:
     text = json.dumps(value, indent=2, allow_nan=False) + "\n"
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def _atomic_write(final: Path, write: Callable[[Path], object]) -> None:
-    """``write(tmp)`` into a hidden file beside ``final``, fsync, rename over ``final``:
-    readers see the old file or the new one, never a part. A disk error is a StorageError
-    naming ``final``; the hidden file never stays."""
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except OSError as err:
-        raise StorageError(final, err) from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(path, text)
 
 
 def read_manifest(directory: str | Path, name: str = MANIFEST) -> dict[str, Any]:
@@ -130,35 +113,48 @@ def read_manifest(directory: str | Path, name: str = MANIFEST) -> dict[str, Any]
 
 
 def verify_cache(directory: str | Path, checksums: bool = True) -> dict[str, Any]:
-    """Check the manifest (structure, shard names inside the folder), then every shard:
-    present, SHA-256 (with ``checksums``), schema, row count and the cache key in its
-    footer; with ``checksums`` also its label counts and that every reference value is
-    finite. The totals must match the manifest's counts."""
+    """Check the manifest (structure, shard names inside the folder, a cache key that is
+    the hash of its identity fields), then every shard: present, SHA-256 (with
+    ``checksums``), schema, row count and the cache key in its footer; with ``checksums``
+    also its label counts and that every reference value is finite. The totals must
+    match the manifest's counts."""
     root = Path(directory)
     manifest = read_manifest(root)
+    check_cache_files(root, manifest, checksums)
+    return manifest
+
+
+def check_cache_files(root: Path, manifest: dict[str, Any], checksums: bool = True) -> None:
+    """verify_cache for a manifest in memory (combine checks its merged manifest before
+    writing it, so a failed combine never replaces a good manifest.json)."""
     shards = manifest["shards"]
     if len(shards) != manifest["num_shards"]:
         raise CacheError(f"{root}: manifest lists {len(shards)} shards of "
                          f"{manifest['num_shards']}; {REWRITE}")
+    key = cache_key_of(manifest)
+    if key != manifest["cache_key"]:
+        raise CacheError(f"{root}: the manifest's cache_key {manifest['cache_key'][:12]!r} is "
+                         f"not the hash of its identity fields ({key[:12]!r}): the manifest "
+                         f"was edited or damaged; {REBUILD}")
     desirable = 0
     for entry in shards:
         desirable += _verify_shard(root, entry, manifest["cache_key"], checksums)
     _check_totals(root, manifest, desirable if checksums else None)
-    return manifest
 
 
 def _check_totals(root: Path, manifest: dict[str, Any], desirable: int | None) -> None:
     counts, shards = manifest["counts"], manifest["shards"]
-    found = {"rows": sum(s["rows"] for s in shards), "tokens": sum(s["tokens"] for s in shards)}
-    expected = {"rows": counts["rows"], "tokens": manifest["tokens"]}
+    found = {"rows": sum(s["rows"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
+             "invalid": sum(counts["invalid_by_reason"].values())}
+    expected = {"rows": counts["rows"], "tokens": manifest["tokens"], "invalid": counts["invalid"]}
     if desirable is not None:
         found.update(desirable=desirable, undesirable=found["rows"] - desirable)
         expected.update(desirable=counts["desirable"], undesirable=counts["undesirable"])
     wrong = [f"{k}: shards hold {found[k]}, manifest says {expected[k]}"
              for k in found if found[k] != expected[k]]
     if wrong:
-        raise CacheError(f"{root}: the shards do not match the manifest ({'; '.join(wrong)}); "
-                         f"{REBUILD}")
+        raise CacheError(f"{root}: the shards and counts do not match the manifest "
+                         f"({'; '.join(wrong)}); {REBUILD}")
 
 
 def _verify_shard(root: Path, entry: dict[str, Any], cache_key: str, checksums: bool) -> int:

@@ -9,7 +9,6 @@ the manifest's): two runs that write the same manifest write the same card."""
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import pyarrow as pa
 import yaml
 
 from shared.cache import SCHEMA
+from shared.files import atomic_write_text
 from shared.summary import describe_cache
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,5 @@ def write_card(directory: str | Path, manifest: dict[str, Any]) -> Path | None:
         log.warning("%s exists and is not a kto-cache dataset card: left as it is, no card "
                     "written (datasets.load_dataset may then not find the shards)", path)
         return None
-    tmp = path.with_name(f".{CARD}.tmp-{os.getpid()}")
-    tmp.write_text(card_text(manifest), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, card_text(manifest))
     return path

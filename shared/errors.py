@@ -30,6 +30,18 @@ def check_seed(seed: int) -> None:
         raise ConfigError(f"--seed {seed}: expected an integer in [0, {2**32 - 1}]")
 
 
+def check_finite(config: object) -> None:
+    """NaN passes every ``x <= 0`` check and fails late (after the cache copy and the model
+    load), inf overflows: refuse any non-finite float option of a config dataclass."""
+    import dataclasses
+    import math
+
+    for f in dataclasses.fields(config):  # type: ignore[arg-type]
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{f.name.replace('_', '-')} {value}: expected a finite number")
+
+
 class InputError(KtoError):
     """One input record (or, with field ``<file>``, a whole input file) is invalid; names
     the file, record index, field, expectation and the fix. Only record errors can be

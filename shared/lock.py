@@ -12,7 +12,8 @@ import os
 import socket
 from pathlib import Path
 
-from shared.errors import ConfigError, writing
+from shared.errors import ConfigError
+from shared.files import open_no_follow
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ class FolderLock:
             if fd is None:
                 return self
             try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                same = os.fstat(fd).st_ino == os.lstat(self.path).st_ino
             except FileNotFoundError:
                 same = False
             if same:
@@ -41,8 +42,7 @@ class FolderLock:
 
     def _open_and_lock(self) -> int | None:
         """A descriptor holding the lock; None where the filesystem has no locks."""
-        with writing(self.path):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_no_follow(self.path, os.O_RDWR | os.O_CREAT)  # a planted link: an error
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import CacheError
+from shared.fingerprint import sha256_json
 
 _SHARD_NAME = re.compile(r"^shard-(\d+)-of-(\d+)\.parquet$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -32,6 +33,18 @@ _FIELDS: dict[str, type | tuple[type, ...]] = {
 }
 _SHARD_FIELDS = {"name": str, "rows": int, "tokens": int, "sha256": str}
 _FILE_FIELDS = {"path": str, "records": int, "format": str}
+
+
+# the fields whose hash is the cache key (precompute.identity.cache_identity)
+IDENTITY_FIELDS = ("reference_model", "tokenizer", "preprocessing")
+
+
+def cache_key_of(manifest: dict[str, Any]) -> str:
+    """The cache key a manifest's identity fields hash to (``data.files`` is a listing
+    added after hashing: only the data fingerprint counts)."""
+    identity = {k: manifest[k] for k in IDENTITY_FIELDS}
+    identity["data"] = {"fingerprint": manifest["data"].get("fingerprint")}
+    return sha256_json(identity)
 
 
 def shard_name(index: int, total: int) -> str:

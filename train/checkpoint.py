@@ -1,7 +1,14 @@
-"""Checkpoints: OUTPUT/checkpoint-STEP/ holds accelerate's state (model, optimizer,
-scheduler, every process's RNG) and trainer_state.json with the step, from which
-the data position follows (the epoch order is a function of seed and epoch), and the
-run's settings, so that a resume with other settings can be refused.
+"""Checkpoints: OUTPUT/checkpoint-STEP/ holds accelerate's state (model weights as
+safetensors, optimizer state and every process's RNG state as tensors) and
+trainer_state.json with the step (the data position follows from it: the epoch order is
+a function of seed and epoch), the scheduler's state, the run's settings (a resume with
+other settings is refused) and the SHA-256 of every other file in the folder.
+
+A checkpoint may come from someone else (a shared folder, a download), so loading one
+runs no code it holds: the scheduler state is JSON, every torch.load is weights-only
+(DeepSpeed's own loader asks for full unpickling: it is overridden), no file is read
+before the folder matches its recorded checksums, and a file the checkpoint does not
+list, a link, or a checkpoint without its settings is refused.
 
 A checkpoint is written under a hidden temporary name and renamed into place when
 complete: a kill at any moment leaves either the whole checkpoint or none."""
@@ -12,23 +19,40 @@ import logging
 import os
 import re
 import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from shared.cache import write_json
 from shared.errors import ConfigError, KtoError, StorageError, writing
+from shared.files import LinkError, refuse_link
+from shared.fingerprint import sha256_file
 from shared.manifest import load_json_object
+from train.guard import any_process
 
 log = logging.getLogger(__name__)
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 STATE = "trainer_state.json"
+FORMAT = 2  # 2: file checksums, JSON scheduler state, no pickled objects
+EARLIER = ("resume from an earlier checkpoint (--resume-from-checkpoint PATH) or start "
+           "over with --overwrite-output-dir")
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:
-    """Every checkpoint-N folder, complete or not, by step."""
+    """Every checkpoint-N entry, complete or not, by step (links included: they are
+    refused where they are used, never followed)."""
     found = [(int(m.group(1)), p) for p in out.glob("checkpoint-*")
-             if (m := _CKPT.match(p.name)) and p.is_dir()]
+             if (m := _CKPT.match(p.name)) and (p.is_dir() or p.is_symlink())]
     return [p for _, p in sorted(found)]
+
+
+def checkpoint_step(path: Path) -> int | None:
+    m = _CKPT.match(path.name)
+    return int(m.group(1)) if m else None
 
 
 def list_checkpoints(out: Path) -> list[Path]:
@@ -37,6 +61,8 @@ def list_checkpoints(out: Path) -> list[Path]:
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:
+    """trainer_state.json of a checkpoint, checked for the fields a resume needs."""
+    refuse_link(path, "a checkpoint folder")
     if not (path / STATE).is_file():
         raise ConfigError(f"--resume-from-checkpoint {path}: not a complete checkpoint "
                           f"(no {STATE})")
@@ -48,54 +74,150 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ConfigError(f"{path / STATE}: field 'global_step' is {step!r}: expected a "
                           "step number; resume from another checkpoint")
+    if state.get("format") != FORMAT or not isinstance(state.get("files"), dict):
+        raise ConfigError(f"--resume-from-checkpoint {path}: {STATE} has no file checksums "
+                          f"(format {state.get('format')!r}, this version writes {FORMAT}): "
+                          "it was written by an older kto-train or by another tool, and cannot "
+                          f"be checked; {EARLIER}")
+    if not isinstance(state.get("scheduler"), dict):
+        raise ConfigError(f"{path / STATE}: field 'scheduler' is missing; {EARLIER}")
     return state
 
 
+def folder_checksums(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``folder`` but trainer_state.json, by relative path;
+    a link anywhere inside is an error."""
+    out = {}
+    for root, dirs, files in os.walk(folder):
+        for name in sorted(dirs + files):
+            path = Path(root) / name
+            refuse_link(path, "a checkpoint's file")
+            rel = path.relative_to(folder).as_posix()
+            if path.is_file() and rel != STATE:
+                out[rel] = sha256_file(path)
+    return out
+
+
+def checksum_problems(folder: Path, recorded: dict[str, Any]) -> list[str]:
+    """What differs between a checkpoint folder and the checksums it recorded."""
+    found = folder_checksums(folder)
+    problems = [f"{n}: missing" for n in sorted(set(recorded) - set(found))]
+    problems += [f"{n}: not written by kto-train" for n in sorted(set(found) - set(recorded))]
+    problems += [f"{n}: SHA-256 differs (damaged or edited)" for n in sorted(found)
+                 if n in recorded and recorded[n] != found[n]]
+    return problems
+
+
+@contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every torch.load inside is weights-only: tensors and plain containers, never
+    arbitrary objects (DeepSpeed's checkpoint engine asks for weights_only=False)."""
+    original = torch.load
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals(_deepspeed_state_classes()):
+            yield
+    finally:
+        torch.load = original
+
+
+def _deepspeed_state_classes() -> list[type]:
+    """The plain state classes a ZeRO optimizer checkpoint holds (an enum and the loss
+    scalers, rebuilt from their attributes by the weights-only unpickler, which calls
+    no code of the file's choosing); none when DeepSpeed is not in use."""
+    if "deepspeed" not in sys.modules:
+        return []
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+
+
+def refuse_sharded_format(path: Path, files: dict[str, Any]) -> None:
+    """torch.distributed.checkpoint (FSDP's SHARDED_STATE_DICT) keeps its index as a
+    pickle, which cannot be loaded without running what it holds."""
+    if any(n.endswith((".metadata", ".distcp")) for n in files):
+        raise ConfigError(f"--resume-from-checkpoint {path} is a sharded (DCP) FSDP checkpoint, "
+                          "whose index is a pickle that kto-train does not load; train with "
+                          "fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config")
+
+
 class Checkpointer:
-    def __init__(self, accelerator, out: Path, total_limit: int, run: dict[str, Any]):
+    def __init__(self, accelerator, out: Path, total_limit: int, run: dict[str, Any],
+                 scheduler: Any):
         self.acc, self.out, self.total_limit, self.run = accelerator, out, total_limit, run
+        self.scheduler = scheduler
 
     def save(self, step: int, epoch: float) -> Path:
         final = self.out / f"checkpoint-{step}"
-        if (final / STATE).is_file():  # this run already saved this step (after a resume)
-            return final
+        if (final / STATE).is_file() and not final.is_symlink():
+            return final  # this run saved this step already (the one it resumed from)
         partial = self.out / f".checkpoint-{step}.partial"
         try:
             with writing(final):
                 self._write(partial, final, step, epoch)
         except StorageError:
-            shutil.rmtree(partial, ignore_errors=True)  # free what the failed write took
+            remove_entry(partial)  # free what the failed write took
             raise
         self.acc.wait_for_everyone()
         return final
 
     def _write(self, partial: Path, final: Path, step: int, epoch: float) -> None:
-        if self.acc.is_main_process and partial.exists():
-            shutil.rmtree(partial)
+        if self.acc.is_main_process:
+            remove_entry(partial)
+            partial.mkdir()  # a new folder: accelerate never writes through a planted link
         self.acc.wait_for_everyone()
         self.acc.save_state(str(partial))
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            write_json(partial / STATE, {"global_step": step, "epoch": epoch, "run": self.run})
-            if final.exists():  # an incomplete one from before
-                shutil.rmtree(final)
+            write_json(partial / STATE, {
+                "format": FORMAT, "global_step": step, "epoch": epoch, "run": self.run,
+                "scheduler": self.scheduler.state_dict(), "files": folder_checksums(partial)})
+            refuse_link(final, "a checkpoint folder")
+            remove_entry(final)  # an incomplete one from before
             os.replace(partial, final)
             self._prune()
 
     def _prune(self) -> None:
         if self.total_limit > 0:
             for old in list_checkpoints(self.out)[:-self.total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_entry(old)
 
     def load(self, path: Path) -> int:
-        """Load a checkpoint chosen by run_folder.plan_run; returns its step."""
-        step = read_trainer_state(path)["global_step"]
+        """Load a checkpoint chosen by run_folder.plan_run, once its files match their
+        recorded checksums (checked by the main process); returns its step."""
+        state = read_trainer_state(path)
+        problems: list[str] = []
+        if self.acc.is_main_process:
+            try:
+                problems = checksum_problems(path, state["files"])
+            except LinkError as err:
+                problems = [str(err)]
+        if any_process(self.acc.gather, bool(problems), self.acc.device):
+            listed = "; ".join(problems[:5]) or "see the main process's log"
+            raise ConfigError(f"--resume-from-checkpoint {path} does not match its recorded "
+                              f"checksums ({listed}); {EARLIER}")
+        refuse_sharded_format(path, state["files"])
         try:
-            self.acc.load_state(str(path))
-        except Exception as err:  # torch, safetensors and pickle each raise their own
+            with weights_only_loads():
+                self.acc.load_state(str(path))
+            self.scheduler.load_state_dict(state["scheduler"])
+        except Exception as err:  # torch, safetensors and the weights-only unpickler
             raise ConfigError(f"cannot load the checkpoint {path} ({type(err).__name__}: "
-                              f"{str(err)[:200]}): it is damaged or from another setup; resume "
-                              "from an earlier one (--resume-from-checkpoint PATH) or start "
-                              "over with --overwrite-output-dir") from None
-        log.info("resumed from %s at step %d", path, step)
-        return step
+                              f"{str(err)[:200]}): it is damaged or from another setup; "
+                              f"{EARLIER}") from None
+        log.info("resumed from %s at step %d", path, state["global_step"])
+        return state["global_step"]
+
+
+def remove_entry(path: Path) -> None:
+    """Remove a folder of ours, or a link in its place (the link only, never its target)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from shared.errors import ConfigError, check_seed
+from shared.errors import ConfigError, check_finite, check_seed
 from train.loss import LOSS_TYPES, KTOLossConfig
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
@@ -71,6 +71,7 @@ class TrainConfig:
     merge_lora: bool = False
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if self.loss_type not in LOSS_TYPES:
             raise ConfigError(f"--loss-type {self.loss_type!r}: expected {', '.join(LOSS_TYPES)}")
         if self.lr_scheduler_type not in SCHEDULERS:
@@ -122,6 +123,12 @@ def _check_run_options(c: TrainConfig) -> None:
             c.desirable_weight or c.undesirable_weight):
         raise ConfigError("--desirable-weight and --undesirable-weight must be >= 0 and not "
                           "both 0")
+    if not 0 <= c.lora_dropout < 1:
+        raise ConfigError(f"--lora-dropout {c.lora_dropout}: expected a value in [0, 1)")
+    if c.router_aux_loss_coef is not None and c.router_aux_loss_coef < 0:
+        raise ConfigError(f"--router-aux-loss-coef {c.router_aux_loss_coef} must be >= 0")
+    if c.ftx_gamma < 0:
+        raise ConfigError(f"--ftx-gamma {c.ftx_gamma} must be >= 0")
     if c.max_grad_norm < 0 or c.weight_decay < 0:
         raise ConfigError("--max-grad-norm and --weight-decay must be >= 0")
     if c.overwrite_output_dir and c.resume_from_checkpoint == "latest":

@@ -53,6 +53,43 @@ def open_cache(directory: str, tokenizer: Any, spill: Path) -> CacheRows:
     return CacheRows(table, manifest, lengths)
 
 
+def token_id_range(rows: CacheRows) -> tuple[int, int]:
+    """The smallest and largest token id in the rows' sequences."""
+    lows, highs = [], []
+    for column in ("prompt_ids", "completion_ids", "kl_completion_ids"):
+        flat = pc.list_flatten(rows.table[column])
+        if len(flat):
+            lows.append(pc.min(flat).as_py())
+            highs.append(pc.max(flat).as_py())
+    return (min(lows), max(highs)) if lows else (0, -1)
+
+
+def check_token_ids(rows: CacheRows, vocab_size: int, what: str) -> None:
+    """Every token id must index the policy's embedding (a smaller or resized embedding
+    would fail deep inside the first forward)."""
+    low, high = token_id_range(rows)
+    if low < 0 or high >= vocab_size:
+        raise CacheError(f"{what} holds token ids in [{low}, {high}], but the policy's "
+                         f"embedding has {vocab_size} rows: the policy does not belong to the "
+                         "cache's tokenizer (resized or truncated embedding?); use the policy "
+                         "the cache was built for, or rebuild the cache with this policy")
+
+
+def check_eval_pairing(train: dict[str, Any], evaluation: dict[str, Any]) -> None:
+    """An eval cache scored under another reference model (or dtype) gives rewards against
+    another baseline: its metrics would silently mean something else."""
+    fields = (("reference model weights", ("reference_model", "fingerprint")),
+              ("reference dtype", ("reference_model", "dtype")),
+              ("tokenizer", ("tokenizer", "fingerprint")))
+    differ = [f"{name}: {train[a][b][:16]} (train) vs {evaluation[a][b][:16]} (eval)"
+              for name, (a, b) in fields if train[a][b] != evaluation[a][b]]
+    if differ:
+        raise CacheError("--eval-cache was built differently from --cache ("
+                         + "; ".join(differ) + "): its rewards would be measured against "
+                         "another reference. Build both caches with the same --model and "
+                         "--dtype in kto-precompute")
+
+
 def epoch_order(lengths: np.ndarray, epoch: int, seed: int, global_batch: int,
                 group_by_length: bool) -> np.ndarray:
     """Row indices for one epoch: a seeded shuffle, then (optionally) sorted by length

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 
 from shared.errors import KtoError, writing
+from shared.files import atomic_write_text, open_no_follow
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +70,13 @@ class MetricsFile:
     def __init__(self, path: Path, resume_step: int | None) -> None:
         self.path = path
         kept = kept_records(path, resume_step) if resume_step and path.is_file() else []
-        with writing(path):
-            path.write_text("".join(line + "\n" for line in kept))
+        atomic_write_text(path, "".join(line + "\n" for line in kept))  # a link: an error
 
     def write(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                  for k, v in record.items()}
-        with writing(self.path), self.path.open("a") as f:
+        fd = open_no_follow(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        with writing(self.path), os.fdopen(fd, "a") as f:
             f.write(json.dumps(clean, allow_nan=False) + "\n")
 
 

@@ -8,7 +8,6 @@ differences are listed and nothing in the folder is touched."""
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,14 @@ from shared.errors import ConfigError
 from shared.fingerprint import sha256_json
 from shared.lock import FolderLock
 from shared.manifest import load_json_object
-from train.checkpoint import checkpoint_dirs, list_checkpoints, read_trainer_state
+from train.checkpoint import (
+    STATE,
+    checkpoint_dirs,
+    checkpoint_step,
+    list_checkpoints,
+    read_trainer_state,
+    remove_entry,
+)
 from train.config import TrainConfig
 from train.guard import any_process
 
@@ -70,6 +76,9 @@ def earlier_outputs(out: Path) -> list[str]:
 class Plan:
     resume_from: Path | None  # checkpoint to load
     wipe: bool  # remove the folder's earlier run outputs first (--overwrite-output-dir)
+    # checkpoints of this run later than the one it resumes from: the run is continued
+    # from an earlier point (a later one was damaged), so they are replaced as it goes on
+    superseded: tuple[Path, ...] = ()
 
 
 def plan_run(out: Path, config: TrainConfig, identity: dict[str, Any]) -> Plan:
@@ -77,7 +86,7 @@ def plan_run(out: Path, config: TrainConfig, identity: dict[str, Any]) -> Plan:
     check_separate_folders(out, config)
     spec = config.resume_from_checkpoint
     if config.overwrite_output_dir:
-        if spec and Path(spec).resolve().parent == out.resolve():
+        if spec and _inside(Path(spec), out):
             raise ConfigError(f"--overwrite-output-dir would remove {spec}, the checkpoint "
                               "--resume-from-checkpoint names; pass one of them")
         return Plan(_compatible_checkpoint(Path(spec), identity) if spec else None, wipe=True)
@@ -85,7 +94,11 @@ def plan_run(out: Path, config: TrainConfig, identity: dict[str, Any]) -> Plan:
     if spec:
         found = list_checkpoints(out) if spec == "latest" else [Path(spec)]
         if found:
-            return Plan(_compatible_checkpoint(found[-1], identity), wipe=False)
+            path = found[-1]
+            if not _inside(path, out) and earlier:
+                _check_foreign_resume(out, config, path, earlier)
+            _compatible_checkpoint(path, identity)
+            return Plan(path, wipe=False, superseded=_later_checkpoints(out, path))
         if earlier:  # nothing to resume from: the same run may start over, no other
             _check_saved_config(out, config, earlier, "to resume it")
         log.info("no checkpoint in %s: starting from step 0", out)
@@ -98,6 +111,34 @@ def plan_run(out: Path, config: TrainConfig, identity: dict[str, Any]) -> Plan:
         log.info("%s holds outputs of an unfinished run with these settings and no checkpoint: "
                  "starting it over", out)
     return Plan(None, wipe=False)
+
+
+def _check_foreign_resume(out: Path, config: TrainConfig, path: Path,
+                          earlier: list[str]) -> None:
+    """A checkpoint of another folder may continue only in a folder without a run of its
+    own: none at all, or only the settings and metrics of this same continuation (cut
+    short before its first checkpoint)."""
+    own = [n for n in earlier if n not in (CONFIG_FILE, METRICS_FILE)]
+    if own:
+        raise ConfigError(
+            f"--output {out} holds a run of its own ({', '.join(earlier)}), and "
+            f"--resume-from-checkpoint {path} is a checkpoint of another folder: continuing "
+            "it here would mix two runs. Continue it in an empty --output, resume this "
+            "folder's own run (--resume-from-checkpoint latest), or pass "
+            "--overwrite-output-dir to replace this folder's run")
+    _check_saved_config(out, config, earlier, "to continue it")
+
+
+def _inside(path: Path, out: Path) -> bool:
+    """``path`` is an entry of ``out`` itself (not of a folder elsewhere)."""
+    return path.absolute().parent.resolve() == out.resolve()
+
+
+def _later_checkpoints(out: Path, path: Path) -> tuple[Path, ...]:
+    step = checkpoint_step(path)
+    if step is None or not _inside(path, out):
+        return ()
+    return tuple(p for p in checkpoint_dirs(out) if checkpoint_step(p) > step)
 
 
 def check_separate_folders(out: Path, config: TrainConfig) -> None:
@@ -142,9 +183,11 @@ def _check_saved_config(out: Path, config: TrainConfig, earlier: list[str], why:
 def _compatible_checkpoint(path: Path, identity: dict[str, Any]) -> Path:
     state = read_trainer_state(path)
     saved = state.get("run")
-    if saved is None:  # written before runs were recorded in checkpoints
-        log.warning("%s records no run settings: cannot check that they match", path)
-        return path
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--resume-from-checkpoint {path}: its {STATE} records no run "
+                          "settings, so it cannot be checked to belong to this run (another "
+                          "cache, another beta would resume silently); resume from a "
+                          "checkpoint written by this version, or start over")
     diff = differences(saved, identity)
     if diff:
         raise ConfigError(f"--resume-from-checkpoint {path}: the run was started with other "
@@ -156,10 +199,9 @@ def _compatible_checkpoint(path: Path, identity: dict[str, Any]) -> Path:
 def wipe_run_outputs(out: Path) -> None:
     """--overwrite-output-dir: remove what an earlier run wrote (and only that)."""
     for name in earlier_outputs(out):
-        path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        remove_entry(out / name)
     for partial in out.glob(".checkpoint-*.partial"):
-        shutil.rmtree(partial)
+        remove_entry(partial)
     log.info("--overwrite-output-dir: removed the earlier run's outputs in %s", out)
 
 
@@ -170,8 +212,12 @@ def start_run(accelerator, out: Path, config: TrainConfig, plan: Plan) -> None:
     if accelerator.is_main_process:
         if plan.wipe:
             wipe_run_outputs(out)
-        for partial in out.glob(".checkpoint-*.partial"):
-            shutil.rmtree(partial)
+        if plan.superseded:
+            log.warning("resuming from %s: removing the later checkpoints %s of this run (the "
+                        "run rewrites them as it goes on)", plan.resume_from,
+                        ", ".join(p.name for p in plan.superseded))
+        for stale in (*plan.superseded, *out.glob(".checkpoint-*.partial")):
+            remove_entry(stale)
         write_json(out / CONFIG_FILE, config.to_dict())
     accelerator.wait_for_everyone()
 

@@ -6,16 +6,20 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from shared.errors import ConfigError
+from shared.files import refuse_links
+from train.checkpoint import remove_entry
 from train.config import TrainConfig
 from train.head import add_chunked_head
 
 log = logging.getLogger(__name__)
+FINAL_STAGING = ".final-save.partial"
 
 
 def make_accelerator(config: TrainConfig, out: Path):
@@ -174,17 +178,38 @@ def class_balance_warning(counts: dict[str, Any], config: TrainConfig) -> str | 
 
 
 def save_final(accelerator, model, tokenizer, config: TrainConfig, out: Path) -> None:
-    """Weights + tokenizer in OUTPUT (LoRA: the adapters, and the merged model if asked)."""
+    """Weights + tokenizer in OUTPUT (LoRA: the adapters, and the merged model if asked).
+    Saved into a hidden folder first, then moved into place file by file, none of them
+    through a link planted in OUTPUT (a link where a file of the save belongs is refused
+    before anything moves)."""
+    staging = out / FINAL_STAGING
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        remove_entry(staging)
+        staging.mkdir()
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     if config.lora_r > 0:
         if accelerator.is_main_process:
-            unwrapped.save_pretrained(out / "adapter")
+            unwrapped.save_pretrained(staging / "adapter")
             if config.merge_lora:
-                unwrapped.merge_and_unload().save_pretrained(out)
+                unwrapped.merge_and_unload().save_pretrained(staging)
     else:
-        unwrapped.save_pretrained(out, state_dict=accelerator.get_state_dict(model),
+        unwrapped.save_pretrained(staging, state_dict=accelerator.get_state_dict(model),
                                   is_main_process=accelerator.is_main_process,
                                   save_function=accelerator.save)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        tokenizer.save_pretrained(out)
+        tokenizer.save_pretrained(staging)
+        move_into_place(staging, out)
+    accelerator.wait_for_everyone()
+
+
+def move_into_place(staging: Path, out: Path) -> None:
+    names = sorted(p.name for p in staging.iterdir())
+    refuse_links(out, names, "a file of the final save")
+    for name in names:
+        if (out / name).is_dir():
+            remove_entry(out / name)  # an earlier save's adapter folder
+        os.replace(staging / name, out / name)
+    staging.rmdir()

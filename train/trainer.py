@@ -18,12 +18,21 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from shared.errors import Interrupted, KtoError, writing
+from shared.errors import ConfigError, Interrupted, KtoError, writing
+from shared.files import refuse_links_in
 from shared.signals import SignalGuard
 from shared.weights import check_weight_files
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig
-from train.data import CacheRows, collate, epoch_order, micro_batch_rows, open_cache
+from train.data import (
+    CacheRows,
+    check_eval_pairing,
+    check_token_ids,
+    collate,
+    epoch_order,
+    micro_batch_rows,
+    open_cache,
+)
 from train.guard import NonFiniteLossError, any_process, check_grad_norm, check_rows
 from train.head import policy_logps
 from train.loss import KTOLossOutput, estimate_kl, kto_loss
@@ -93,7 +102,12 @@ class Trainer:
     # ---- setup -----------------------------------------------------------------------
     def setup(self) -> None:
         c = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"--output {self.out} is a file, not a folder; choose a folder "
+                              "(it is created if missing)")
+        with writing(self.out):
+            self.out.mkdir(parents=True, exist_ok=True)
+        refuse_links_in(self.out, "this run")
         self.accelerator = make_accelerator(c, self.out)
         self._lock = lock_output(self.accelerator, self.out)  # one run at a time in --output
         self.tokenizer = load_tokenizer(c)
@@ -104,6 +118,8 @@ class Trainer:
             self.rows = open_cache(c.cache, self.tokenizer, Path(tmp) / "train.arrow")
             self.eval_rows = (open_cache(c.eval_cache, self.tokenizer, Path(tmp) / "eval.arrow")
                               if c.eval_cache else None)
+        if self.eval_rows is not None:
+            check_eval_pairing(self.rows.manifest, self.eval_rows.manifest)
         if self.accelerator.is_main_process:
             class_balance_warning(self.rows.manifest["counts"], c)
         world = self.accelerator.num_processes
@@ -121,6 +137,10 @@ class Trainer:
         plan = plan_run(self.out, c, identity)  # before anything in --output changes
         check_weight_files(c.model)
         model = load_policy(c)
+        vocab = model.get_input_embeddings().num_embeddings
+        check_token_ids(self.rows, vocab, f"--cache {c.cache}")
+        if self.eval_rows is not None:
+            check_token_ids(self.eval_rows, vocab, f"--eval-cache {c.eval_cache}")
         self.pack = use_packing(c.padding_free, model.config._attn_implementation)
         self.aux_coef = router_aux_coef(model, c)
         log.info("policy: %s weights, %s attention, %s batches, gradient checkpointing %s%s",
@@ -132,9 +152,11 @@ class Trainer:
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         # on the prepared optimizer: DeepSpeed regroups the parameters it partitions
         self.scheduler = build_scheduler(self.optimizer, c, self.total_steps)
-        self.accelerator.register_for_checkpointing(self.scheduler)
+        # the scheduler's state goes into the checkpoint's JSON (train.checkpoint), not
+        # through register_for_checkpointing, whose file accelerate unpickles in full
         self.pad_id = self.tokenizer.pad_token_id or 0
-        self.checkpoints = Checkpointer(self.accelerator, self.out, c.save_total_limit, identity)
+        self.checkpoints = Checkpointer(self.accelerator, self.out, c.save_total_limit, identity,
+                                        self.scheduler)
         start_run(self.accelerator, self.out, c, plan)
         start_trackers(self.accelerator, c, self.out)  # only now may --output change
         self.step = self.checkpoints.load(plan.resume_from) if plan.resume_from else 0

@@ -26,8 +26,11 @@ PARAMS = {
     "model": Param("", type="string", description="Reference model (path or hub name)."),
     "policy": Param("", type="string", description="Initial policy; empty = the model."),
     "data": Param([], type="array", description="Input files for kto-precompute."),
-    "output": Param("/tmp/kto-run", type="string",
-                    description="Run folder on storage every worker sees (cache/, policy/)."),
+    # no default: a shared default folder (say under /tmp, writable by every local user)
+    # would let anyone plant a checkpoint that the train task's `latest` then resumes
+    "output": Param(None, type="string", minLength=1,
+                    description="Run folder on storage every worker sees (cache/, policy/); "
+                                "required, in a folder only you can write."),
     "num_workers": Param(2, type="integer", minimum=1,
                          description="Precompute workers (mapped tasks)."),
     "precompute_args": Param("", type="string", description="Extra kto-precompute flags."),
