@@ -116,15 +116,17 @@ def run_command(max_length: int, max_prompt_length: int | None, truncation_mode:
 @click.argument("output", type=click.Path(file_okay=False))
 @click.option("--part", "parts", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="A worker's output directory (repeatable); default: OUTPUT itself.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a finished cache of other settings or data in OUTPUT.")
 @click.option("-v", "--verbose", is_flag=True)
 @user_errors
-def combine_command(output: str, parts: tuple[str, ...], verbose: bool) -> None:
+def combine_command(output: str, parts: tuple[str, ...], overwrite: bool, verbose: bool) -> None:
     """Merge the parts of --num-workers N runs into one cache in OUTPUT."""
     setup_logging(verbose)
     from precompute.combine import combine
 
     with SignalGuard():
-        manifest = combine(Path(output), [Path(p) for p in parts])
+        manifest = combine(Path(output), [Path(p) for p in parts], overwrite)
     click.echo(f"combined {manifest['num_shards']} shards, {manifest['counts']['rows']} rows "
                f"into {output}")
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from shared import CACHE_FORMAT_VERSION
-from shared.cache import MANIFEST, verify_cache, write_json
-from shared.card import write_card
+from shared.cache import MANIFEST, check_cache_files, verify_cache, write_json
+from shared.card import CARD, is_card, write_card
 from shared.errors import CacheError, StorageError
 from shared.fingerprint import sha256_file
 from shared.manifest import REWRITE, check_manifest, load_json_object
@@ -84,7 +84,7 @@ def _bring_shard(src_dir: Path, out: Path, entry: dict[str, Any], worker: int) -
         tmp.unlink(missing_ok=True)
 
 
-def combine(out: Path, part_dirs: list[Path]) -> dict[str, Any]:
+def combine(out: Path, part_dirs: list[Path], overwrite: bool = False) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     single = not list(out.glob("manifest.worker-*.json")) and (out / MANIFEST).is_file()
     if not part_dirs and single:  # a single-worker run is already one cache
@@ -93,6 +93,7 @@ def combine(out: Path, part_dirs: list[Path]) -> dict[str, Any]:
         return manifest
     parts = find_parts(part_dirs or [out])
     check_parts(parts)
+    claim_output(out, parts, overwrite)  # before anything in OUTPUT changes
     shards = []
     for src_dir, manifest in parts:
         for entry in manifest["shards"]:
@@ -104,12 +105,40 @@ def combine(out: Path, part_dirs: list[Path]) -> dict[str, Any]:
     if len(merged["shards"]) != merged["num_shards"]:
         raise CacheError(f"the parts hold {len(shards)} shards, the cache has "
                          f"{merged['num_shards']}")
+    check_cache_files(out, merged)  # the manifest is written only over shards that pass
     write_json(out / MANIFEST, merged)
-    try:
-        verify_cache(out)
-    except CacheError:
-        (out / MANIFEST).unlink()  # never leave a manifest over shards that failed
-        raise
     write_card(out, merged)
     log.info("combined %d worker parts into %s", len(parts), out)
     return merged
+
+
+def claim_output(out: Path, parts: list[tuple[Path, dict[str, Any]]], overwrite: bool) -> None:
+    """OUTPUT may hold a finished cache only of these same parts (a combine run again);
+    another cache there is refused, as kto-precompute refuses one, unless --overwrite,
+    which removes that cache's manifest, card and shards first."""
+    finished = out / MANIFEST
+    if not finished.is_file():
+        return
+    key = parts[0][1]["cache_key"]
+    try:
+        existing = check_manifest(load_json_object(finished), finished)
+    except CacheError as err:
+        if not overwrite:
+            raise CacheError(f"{err}; or pass --overwrite to replace the cache in {out}"
+                             ) from None
+        existing = None
+    if existing is not None and existing["cache_key"] == key:
+        return
+    if not overwrite:
+        raise CacheError(f"{out} already holds a finished cache made with other settings or "
+                         f"data (cache key {existing['cache_key'][:12]}, the parts' "
+                         f"{key[:12]}); choose another OUTPUT or pass --overwrite to replace it")
+    keep = {e["name"] for d, m in parts if d.resolve() == out.resolve() for e in m["shards"]}
+    for name in [e["name"] for e in (existing or {}).get("shards", [])]:
+        if name not in keep:
+            (out / name).unlink(missing_ok=True)
+    finished.unlink()
+    card = out / CARD
+    if is_card(card):
+        card.unlink()
+    log.info("--overwrite: removed the finished cache that was in %s", out)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from shared.errors import ConfigError, check_seed
+from shared.errors import ConfigError, check_finite, check_seed
 from shared.formats import SHAPES
 from shared.tokenization import TokenizeOptions
 
@@ -40,6 +40,9 @@ class PrecomputeConfig:
     max_num_batched_tokens: int | None = None  # None = vLLM's default for the device
 
     def __post_init__(self) -> None:
+        check_finite(self)
+        if self.cpu_kv_cache_gib <= 0:
+            raise ConfigError(f"--cpu-kv-cache-gib {self.cpu_kv_cache_gib} must be > 0")
         if not self.data:
             raise ConfigError("give at least one --data path")
         if self.format != "auto" and self.format not in SHAPES:

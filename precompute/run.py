@@ -32,6 +32,7 @@ from shared.cache import (
 )
 from shared.card import is_card, write_card
 from shared.errors import CacheError, ConfigError, KtoError, writing
+from shared.files import refuse_links_in
 from shared.fingerprint import sha256_json
 from shared.formats import parse_column_map
 from shared.lock import FolderLock
@@ -52,11 +53,25 @@ def run(config: PrecomputeConfig, scorer: Scorer | None = None) -> dict[str, Any
     started by the caller (kept open), e.g. to score several datasets with one vLLM."""
     started = time.monotonic()
     out = Path(config.output)
+    check_output_outside_inputs(out, config.data)
     with writing(out):
         out.mkdir(parents=True, exist_ok=True)
+    refuse_links_in(out, "the cache")
     lock = out / f".kto-precompute-worker-{config.worker_index:05d}.lock"
     with FolderLock(lock, f"--output {out} (worker {config.worker_index})"):
         return _run_locked(config, scorer, out, started)
+
+
+def check_output_outside_inputs(out: Path, data: tuple[str, ...]) -> None:
+    """A cache written inside a --data folder would become part of its own input (the
+    data fingerprint covers every file of the folder): refused before any work."""
+    target = out.resolve()
+    for path in data:
+        folder = Path(path).resolve()
+        if folder.is_dir() and (target == folder or folder in target.parents):
+            raise ConfigError(f"--output {out} is inside --data {path}: the cache's files would "
+                              "become part of its own input, so every rerun would see other "
+                              "data; choose an --output outside the data folder")
 
 
 def _run_locked(config: PrecomputeConfig, scorer: Scorer | None, out: Path,
