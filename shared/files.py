@@ -51,7 +51,7 @@ def open_new(path: Path) -> BinaryIO:
     """A new file at ``path`` for writing; a stale one (or a link) there is removed first
     (unlinking a link removes the link, not its target)."""
     path.unlink(missing_ok=True)
-    return os.fdopen(os.open(path, _NEW, 0o644), "wb")
+    return open(path, "wb", opener=lambda name, _flags: os.open(name, _NEW, 0o644))
 
 
 def open_no_follow(path: Path, flags: int) -> int:

@@ -52,7 +52,7 @@ def patch_precompute(point, n):
         def write_then_signal(table, where, **kwargs):
             original(table, where, **kwargs)
             calls.append(where)
-            if len(calls) == n + 1 and ".tmp-" in str(where):
+            if len(calls) == n + 1 and ".tmp-" in str(getattr(where, "name", where)):
                 send()
         pq.write_table = write_then_signal
     else:

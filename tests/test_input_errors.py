@@ -194,17 +194,24 @@ def test_unwritable_output_is_one_line(tiny_dir, tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
-def test_full_disk_is_one_line_and_leaves_no_temporary_file(tiny_dir, tmp_path):
-    """The manifest's temporary file is made a link to /dev/full, whose every write fails
-    with ENOSPC, as a full disk's would."""
+def test_full_disk_is_one_line_and_leaves_no_temporary_file(tiny_dir, tmp_path, monkeypatch):
+    """The manifest's temporary file is opened on /dev/full, whose every write fails with
+    ENOSPC, as a full disk's would (a link planted there would be refused, not followed)."""
+    from shared import files
+
     data = synthetic(tmp_path, n=4)
     out = tmp_path / "out"
-    out.mkdir()
-    tmp = out / f".manifest.json.tmp-{os.getpid()}"  # CliRunner runs in this process
-    tmp.symlink_to("/dev/full")
+    real_open_new = files.open_new
+
+    def full_disk_for_the_manifest(path):
+        return open("/dev/full", "wb") if path.name.startswith(".manifest.json.tmp") \
+            else real_open_new(path)
+
+    monkeypatch.setattr(files, "open_new", full_disk_for_the_manifest)
     line = assert_clean_error(cli(tiny_dir, [data], out),
                               f"cannot write {out / 'manifest.json'}: No space left on device",
                               "free space on that disk")
-    assert "Traceback" not in line and not tmp.is_symlink()
+    assert "Traceback" not in line and not list(out.glob(".*.tmp-*"))
+    monkeypatch.setattr(files, "open_new", real_open_new)
     assert cli(tiny_dir, [data], out).exit_code == 0  # space back: the rerun finishes
     assert len(list(Path(out).glob("shard-*.parquet"))) == 1

@@ -59,7 +59,7 @@ def run_args(setup, out, *extra):
 
 @pytest.mark.parametrize("damage,fragment", [
     (lambda c: (c / "model.safetensors").write_bytes(b"\x00" * 16),
-     "cannot load the checkpoint"),
+     "model.safetensors: SHA-256 differs"),
     (lambda c: (c / "trainer_state.json").write_text("{cut"), "is not a valid trainer_state"),
     (lambda c: (c / "trainer_state.json").write_text(json.dumps({"global_step": "4"})),
      "field 'global_step' is '4'"),
