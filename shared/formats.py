@@ -157,19 +157,29 @@ def _field(record: Mapping[str, Any], name: str, ref: RecordRef) -> Any:
     return record[name]
 
 
+# what spreadsheets, pandas and labelling tools write for a binary label
+_LABEL_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False,
+                "desirable": True, "undesirable": False}
+LABEL_FORMS = ("a boolean (true = desirable), 0/1, 0.0/1.0, or one of the words "
+               + "/".join(_LABEL_WORDS))
+
+
 def _label(record: Mapping[str, Any], ref: RecordRef) -> bool:
     value = _field(record, "label", ref)
     if isinstance(value, bool):
         return value
-    if isinstance(value, int) and value in (0, 1):
+    if isinstance(value, (int, float)) and value in (0, 1):
         return bool(value)
-    raise ref.error("label", "wrong type", "a boolean (true = desirable) or 0/1", value)
+    if isinstance(value, str) and value.strip().lower() in _LABEL_WORDS:
+        return _LABEL_WORDS[value.strip().lower()]
+    raise ref.error("label", "wrong type", LABEL_FORMS, value)
 
 
 def _content(record: Mapping[str, Any], name: str, ref: RecordRef,
              allow_empty: bool = False) -> Content:
     value = _field(record, name, ref)
     if isinstance(value, str):
+        _check_unicode(value, name, ref)
         if not value and not allow_empty:
             raise ref.error(name, "empty completion", "non-empty text", value)
         return value
@@ -181,6 +191,16 @@ def _content(record: Mapping[str, Any], name: str, ref: RecordRef,
             _require_text(msgs, name, ref)
         return msgs
     raise ref.error(name, "wrong type", "text or a list of {role, content} messages", value)
+
+
+def _check_unicode(text: str, name: str, ref: RecordRef) -> None:
+    """JSON may carry lone UTF-16 surrogates (an escaped "\\ud800"), which no tokenizer
+    can encode: a record defect, named here instead of failing a whole tokenizer batch."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ref.error(name, "not valid Unicode", "text without lone surrogates",
+                        f"{text[err.start]!r} at character {err.start}") from None
 
 
 def _messages(value: Any, name: str, ref: RecordRef) -> list[Message]:
@@ -198,6 +218,7 @@ def _messages(value: Any, name: str, ref: RecordRef) -> list[Message]:
                             f"one of {', '.join(sorted(_ROLES))}", role)
         if not isinstance(content, str):
             raise ref.error(f"{where}.content", "malformed message", "a string", content)
+        _check_unicode(content, f"{where}.content", ref)
         out.append({"role": _ROLES[role], "content": content})
     return out
 

@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import json
 import os
+import sys
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -98,6 +99,10 @@ def _iter_jsonl(p: Path) -> Iterator[tuple[int, Any]]:
                 record = InputError(str(p), index, "<line>", "invalid JSON",
                                     "one JSON object per line",
                                     f"line {line_no} ({err.msg}): {line[:60]!r}")
+            except RecursionError:
+                record = InputError(str(p), index, "<line>", "nested too deeply",
+                                    f"JSON nested less than {sys.getrecursionlimit()} levels",
+                                    f"line {line_no}, {len(raw)} bytes")
             yield index, record
             index += 1
             where[0] = index
@@ -120,6 +125,12 @@ def _iter_json(p: Path) -> Iterator[tuple[int, Any]]:
                          fix=REENCODE) from None
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise InputError(str(p), 0, FILE_FIELD, "nested too deeply",
+                         f"JSON nested less than {sys.getrecursionlimit()} levels",
+                         "deeper nesting", fix="Fix or remove the deeply nested value, or "
+                         "write the records as JSON lines (then --skip-invalid can skip "
+                         "such a record)") from None
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # several top-level values: JSON lines under a .json name
             yield from _iter_jsonl(p)
@@ -159,17 +170,34 @@ def _iter_saved_dataset(p: Path) -> Iterator[tuple[int, Any]]:
     except FileNotFoundError:
         raise InputError(str(p), 0, FILE_FIELD, "not a saved dataset", SUPPORTED,
                          "a directory without dataset_info.json / state.json") from None
+    except Exception as err:  # json, pyarrow and datasets each raise their own
+        raise _damaged_saved_dataset(p, err) from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise InputError(str(p), 0, FILE_FIELD, "a DatasetDict without a 'train' split",
                              "a Dataset, or a DatasetDict with 'train'", str(list(ds)))
         ds = ds["train"]
     index = 0
-    for batch in ds.iter(batch_size=_BATCH_ROWS):
+    batches = ds.iter(batch_size=_BATCH_ROWS)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as err:  # a damaged Arrow file found while reading it
+            raise _damaged_saved_dataset(p, err, index) from None
         columns = list(batch)
         for values in zip(*(batch[c] for c in columns), strict=True):
             yield index, dict(zip(columns, values, strict=True))
             index += 1
+
+
+def _damaged_saved_dataset(p: Path, err: Exception, index: int = 0) -> InputError:
+    return InputError(str(p), index, FILE_FIELD, "damaged saved dataset",
+                      "a folder written by datasets' save_to_disk",
+                      f"{type(err).__name__}: {str(err)[:160]}",
+                      fix="Save the dataset again (Dataset.save_to_disk), or pass its source "
+                      "files as --data.")
 
 
 def fingerprint_inputs(paths: tuple[str, ...]) -> str:

@@ -126,7 +126,7 @@ def test_every_file_type_reads_the_same_records(tmp_path, suffix):
 
 BAD = [
     ({"prompt": "p", "label": True}, "completion", "missing field"),
-    ({"prompt": "p", "completion": "c", "label": "yes"}, "label", "wrong type"),
+    ({"prompt": "p", "completion": "c", "label": "maybe"}, "label", "wrong type"),
     ({"prompt": "p", "completion": 7, "label": True}, "completion", "wrong type"),
     ({"prompt": "p", "completion": "", "label": True}, "completion", "empty completion"),
     ({"prompt": [{"role": "robot", "content": "x"}],
