@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from shared.dataset import open_cache
 from shared.errors import CacheError
@@ -15,19 +14,43 @@ from shared.errors import CacheError
 COLUMNS = ("ref_logps", "ref_kl_logps")
 
 
-def _values(directory: Path) -> pa.Table:
-    return open_cache(directory, verify=False, columns=["id", *COLUMNS]).table
+# what must be equal for two caches to hold the same sequences (and KL pairs); the
+# reference side (model, dtype, backend) is what a comparison is for
+SAME_ROWS = (("tokenizer", "fingerprint"), ("tokenizer", "chat_template_sha256"),
+             ("data", "fingerprint"), ("preprocessing", "max_length"),
+             ("preprocessing", "max_prompt_length"), ("preprocessing", "truncation_mode"),
+             ("preprocessing", "seed"), ("preprocessing", "shard_size"),
+             ("preprocessing", "columns"))
+COMPARED = (("reference_model", "fingerprint"), ("reference_model", "dtype"),
+            ("backend", "name"))
+
+
+def _field(manifest: dict[str, Any], path: tuple[str, str]) -> Any:
+    return (manifest.get(path[0]) or {}).get(path[1])
+
+
+def pairing_differences(ma: dict[str, Any], mb: dict[str, Any],
+                        fields: tuple[tuple[str, str], ...]) -> list[str]:
+    return [f"{'.'.join(f)}: {_field(ma, f)!r} vs {_field(mb, f)!r}" for f in fields
+            if _field(ma, f) != _field(mb, f)]
 
 
 def compare_caches(a: Path, b: Path) -> dict[str, Any]:
-    ta, tb = _values(a), _values(b)
+    ca, cb = (open_cache(d, verify=False, columns=["id", *COLUMNS]) for d in (a, b))
+    differ = pairing_differences(ca.manifest, cb.manifest, SAME_ROWS)
+    if differ:
+        raise CacheError(f"{a} and {b} were not built from the same rows ({'; '.join(differ)}): "
+                         "their reference values would be compared across different "
+                         "sequences; build both from the same data and preprocessing options")
+    ta, tb = ca.table, cb.table
     index = {row_id: i for i, row_id in enumerate(tb["id"].to_pylist())}
     ids = ta["id"].to_pylist()
     if len(ids) != len(index) or any(i not in index for i in ids):
         raise CacheError(f"{a} and {b} do not hold the same rows (ids differ); compare caches "
                          "built from the same data and preprocessing options")
     order = np.array([index[i] for i in ids])
-    out: dict[str, Any] = {"rows": len(ids)}
+    out: dict[str, Any] = {"rows": len(ids), "differences": pairing_differences(
+        ca.manifest, cb.manifest, COMPARED)}
     for col in COLUMNS:
         diff = np.abs(ta[col].to_numpy() - tb[col].to_numpy()[order])
         out[col] = {"max": float(diff.max()), "mean": float(diff.mean()),

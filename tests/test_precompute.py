@@ -211,10 +211,22 @@ def test_compare_reports_drift_between_dtypes(tiny_dir, tmp_path):
     drift = json.loads(CliRunner().invoke(
         main, ["compare", str(tmp_path / "bf16"), str(tmp_path / "fp32")]).output)
     assert drift["rows"] == 12 and drift["ref_logps"]["max"] > 1e-2
+    assert drift["differences"] == ["reference_model.dtype: 'bfloat16' vs 'float32'"]
     other = synthetic(tmp_path, n=6, name="other.jsonl")
     build_cache(tiny_dir, [other], tmp_path / "other")
     bad = CliRunner().invoke(main, ["compare", str(tmp_path / "fp32"), str(tmp_path / "other")])
-    assert bad.exit_code == 1 and "do not hold the same rows" in bad.output
+    assert bad.exit_code == 1 and "not built from the same rows" in bad.output
+    assert "data.fingerprint" in bad.output
+
+
+def test_compare_refuses_caches_whose_kl_pairs_differ(tiny_dir, tmp_path):
+    """The same records with another --seed: the same ids, other KL partners, so a
+    row-by-row comparison of ref_kl_logps would compare different sequences."""
+    data = synthetic(tmp_path, n=12)
+    build_cache(tiny_dir, [data], tmp_path / "a")
+    build_cache(tiny_dir, [data], tmp_path / "b", seed=7)
+    bad = CliRunner().invoke(main, ["compare", str(tmp_path / "a"), str(tmp_path / "b")])
+    assert bad.exit_code == 1 and "preprocessing.seed: 42 vs 7" in bad.output
 
 
 def test_overwrite_by_one_worker_keeps_other_workers_shards(tiny_dir, tmp_path):
