@@ -78,7 +78,8 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
         raise ConfigError(f"--resume-from-checkpoint {path}: {STATE} has no file checksums "
                           f"(format {state.get('format')!r}, this version writes {FORMAT}): "
                           "it was written by an older kto-train or by another tool, and cannot "
-                          f"be checked; {EARLIER}")
+                          "be checked (nor can the other checkpoints of that run); start over "
+                          "with --overwrite-output-dir, or in another --output")
     if not isinstance(state.get("scheduler"), dict):
         raise ConfigError(f"{path / STATE}: field 'scheduler' is missing; {EARLIER}")
     return state
