@@ -70,7 +70,8 @@ def precision_flags(args, tool: str) -> list[str]:
     switched on."""
     if args.settings == "trl-defaults":
         return ["--trl-defaults"] if tool == "trl" else ["--bf16", "--gradient-checkpointing"]
-    bf16 = ["--bf16"] if args.dtype == "bfloat16" else []
+    # kto-train turns bf16 autocast on by default where a CUDA device supports it: off here
+    bf16 = ["--bf16"] if args.dtype == "bfloat16" else [] if tool == "trl" else ["--no-bf16"]
     return bf16 + (["--gradient-checkpointing"] if args.settings == "checkpointed"
                    else [] if tool == "trl" else ["--no-gradient-checkpointing"])
 

@@ -12,7 +12,9 @@ import click
 from precompute.config import BACKENDS, DTYPES, PrecomputeConfig
 from shared.cli import (
     DefaultGroup,
+    TrlOption,
     config_option,
+    report_config_file,
     setup_logging,
     strict_json,
     summary_stdout,
@@ -49,55 +51,77 @@ def main() -> None:
     """Build, combine and verify KTO reference caches. `run` is the default command."""
 
 
+def _train_command() -> tuple[str, click.Command]:
+    """The other command, whose --config keys this one ignores."""
+    from train.cli import main as train_main
+
+    return "kto-train", train_main
+
+
+def option(*decls: str, **attrs):
+    """click.option that also takes TRL's underscore spelling (--max_length, ...)."""
+    return click.option(*decls, cls=TrlOption, **attrs)
+
+
 @main.command("run")
-@config_option
-@click.option("--model", required=True, help="Reference model: local directory or hub name.")
-@click.option("--data", "data", multiple=True, required=True, type=click.Path(exists=True),
-              help="Input .json/.jsonl (or .json.gz/.jsonl.gz), .parquet file or saved "
-                   "datasets directory (repeatable).")
-@click.option("--output", required=True, type=click.Path(file_okay=False),
-              help="Cache directory (shards + manifest.json).")
-@click.option("--tokenizer", default=None, help="Tokenizer path if not the model's.")
-@click.option("--format", "format_", type=click.Choice(["auto", *SHAPES]), default="auto",
-              show_default=True, help="Input shape; auto detects it from the first record.")
-@click.option("--column", "columns", multiple=True, metavar="CANONICAL=SOURCE",
-              help="Read a field under another name, e.g. --column label=kto_tag.")
-@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
-              help="auto = vLLM when installed and on a GPU, else transformers (hf), which "
-                   "is the faster one on CPU.")
-@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
-              help="Reference dtype. bfloat16 sums drift by nats; see README.")
-@click.option("--max-length", type=int, default=_T.max_length, show_default=True)
-@click.option("--max-prompt-length", type=int, default=None,
-              show_default="half of --max-length",
-              help="Prompt tokens kept when a row is too long (TRL's rule).")
-@click.option("--truncation-mode", type=click.Choice(TRUNCATION_MODES),
-              default=_T.truncation_mode, show_default=True)
-@click.option("--seed", type=int, default=_D["seed"].default, show_default=True,
-              help="Seeds the KL partner derangement (and vLLM).")
-@click.option("--shard-size", type=int, default=_D["shard_size"].default, show_default=True,
-              help="Rows per shard; KL partners are drawn within a shard.")
-@click.option("--num-workers", type=int, default=1, show_default=True)
-@click.option("--worker-index", type=int, default=0, show_default=True)
-@click.option("--skip-invalid", is_flag=True,
-              help="Count invalid records by reason in the manifest instead of stopping.")
-@click.option("--overwrite", is_flag=True, help="Replace a cache made with other settings.")
-@click.option("--batch-tokens", type=AutoInt(), default="auto", show_default=True,
-              help="hf backend: padded tokens per forward batch; auto = 4096 on CPU, on a "
-                   "GPU from its free memory and the model's size.")
-@click.option("--tensor-parallel-size", type=int, default=1, show_default=True)
-@click.option("--gpu-memory-utilization", type=float,
-              default=_D["gpu_memory_utilization"].default, show_default=True)
-@click.option("--cpu-kv-cache-gib", type=float, default=_D["cpu_kv_cache_gib"].default,
-              show_default=True, help="vLLM on CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE).")
-@click.option("--max-num-batched-tokens", type=AutoInt(), default="auto", show_default=True,
-              help="vLLM backend: tokens per engine step; auto = vLLM's default for the device.")
-@click.option("-v", "--verbose", is_flag=True)
+@config_option(_train_command)
+@option("--model", required=True, aliases=("--model_name_or_path",),
+        help="Reference model: local directory or hub name (the policy's initial weights). "
+             "TRL: --model_name_or_path.")
+@option("--data", "data", multiple=True, required=True, aliases=("--dataset_name",),
+        help="Input .json/.jsonl (or .json.gz/.jsonl.gz), .parquet file, saved datasets "
+             "directory, or a Hub dataset id (streamed; with --dataset-config and "
+             "--dataset-split). Repeatable. TRL: --dataset_name.")
+@option("--dataset-config", default=None,
+        help="Hub dataset: its configuration (subset) name. TRL: --dataset_config.")
+@option("--dataset-split", default="train", show_default=True,
+        aliases=("--dataset_train_split",),
+        help="Hub dataset: the split to read. TRL: --dataset_train_split.")
+@option("--output", required=True, type=click.Path(file_okay=False), aliases=("--cache",),
+        help="Cache directory (shards + manifest.json); kto-train's --cache (so a shared "
+             "--config file's cache key sets it).")
+@option("--tokenizer", default=None, help="Tokenizer path if not the model's.")
+@option("--format", "format_", type=click.Choice(["auto", *SHAPES]), default="auto",
+        show_default=True, help="Input shape; auto detects it from the first record.")
+@option("--column", "columns", multiple=True, metavar="CANONICAL=SOURCE",
+        help="Read a field under another name, e.g. --column label=kto_tag.")
+@option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+        help="auto = vLLM when installed and on a GPU, else transformers (hf), which "
+             "is the faster one on CPU.")
+@option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
+        help="Reference dtype. bfloat16 sums drift by nats; see README.")
+@option("--max-length", type=int, default=_T.max_length, show_default=True)
+@option("--max-prompt-length", type=int, default=None,
+        show_default="half of --max-length",
+        help="Prompt tokens kept when a row is too long (TRL's rule).")
+@option("--truncation-mode", type=click.Choice(TRUNCATION_MODES),
+        default=_T.truncation_mode, show_default=True)
+@option("--seed", type=int, default=_D["seed"].default, show_default=True,
+        help="Seeds the KL partner derangement (and vLLM).")
+@option("--shard-size", type=int, default=_D["shard_size"].default, show_default=True,
+        help="Rows per shard; KL partners are drawn within a shard.")
+@option("--num-workers", type=int, default=1, show_default=True)
+@option("--worker-index", type=int, default=0, show_default=True)
+@option("--skip-invalid", is_flag=True,
+        help="Count invalid records by reason in the manifest instead of stopping.")
+@option("--overwrite", is_flag=True, help="Replace a cache made with other settings.")
+@option("--batch-tokens", type=AutoInt(), default="auto", show_default=True,
+        help="hf backend: padded tokens per forward batch; auto = 4096 on CPU, on a "
+             "GPU from its free memory and the model's size.")
+@option("--tensor-parallel-size", type=int, default=1, show_default=True)
+@option("--gpu-memory-utilization", type=float,
+        default=_D["gpu_memory_utilization"].default, show_default=True)
+@option("--cpu-kv-cache-gib", type=float, default=_D["cpu_kv_cache_gib"].default,
+        show_default=True, help="vLLM on CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE).")
+@option("--max-num-batched-tokens", type=AutoInt(), default="auto", show_default=True,
+        help="vLLM backend: tokens per engine step; auto = vLLM's default for the device.")
+@option("-v", "--verbose", is_flag=True)
 @user_errors
 def run_command(max_length: int, max_prompt_length: int | None, truncation_mode: str, data: tuple,
                 format_: str, verbose: bool, **options) -> None:
     """Score a dataset under the reference model and write the cache."""
     setup_logging(verbose)
+    report_config_file()
     # stdout carries only the JSON summary (pipelines parse it); vLLM logs to stdout at
     # INFO by default: send it to stderr and keep it to warnings unless -v.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")

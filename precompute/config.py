@@ -8,6 +8,7 @@ from typing import Any
 
 from shared.errors import ConfigError, check_finite, check_seed
 from shared.formats import SHAPES
+from shared.readers import Subset
 from shared.tokenization import TokenizeOptions
 
 BACKENDS = ("auto", "vllm", "hf")
@@ -19,6 +20,10 @@ class PrecomputeConfig:
     model: str
     data: tuple[str, ...]
     output: str
+    # a Hub dataset or dataset repository folder: which config and split (TRL's names:
+    # dataset_config, dataset_train_split)
+    dataset_config: str | None = None
+    dataset_split: str = "train"
     tokenizer: str | None = None  # default: the model's own
     format: str = "auto"
     columns: tuple[str, ...] = ()  # CANONICAL=SOURCE
@@ -45,6 +50,8 @@ class PrecomputeConfig:
             raise ConfigError(f"--cpu-kv-cache-gib {self.cpu_kv_cache_gib} must be > 0")
         if not self.data:
             raise ConfigError("give at least one --data path")
+        if not self.dataset_split:
+            raise ConfigError("--dataset-split must name a split (e.g. train)")
         if self.format != "auto" and self.format not in SHAPES:
             raise ConfigError(f"--format {self.format!r}: expected auto or {', '.join(SHAPES)}")
         if self.backend not in BACKENDS:
@@ -65,6 +72,10 @@ class PrecomputeConfig:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"--gpu-memory-utilization {self.gpu_memory_utilization} must be "
                               "in (0, 1]")
+
+    @property
+    def subset(self) -> Subset:
+        return Subset(self.dataset_config, self.dataset_split)
 
     @property
     def tokenizer_path(self) -> str:

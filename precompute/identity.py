@@ -19,7 +19,7 @@ from shared.fingerprint import (
     tokenizer_fingerprint,
 )
 from shared.formats import parse_column_map
-from shared.readers import fingerprint_inputs
+from shared.readers import fingerprint_inputs, is_hub_id, source_identity
 from shared.weights import check_weight_files
 
 log = logging.getLogger(__name__)
@@ -79,9 +79,11 @@ def library_versions(backend: str) -> dict[str, str]:
     return found
 
 
-def cache_identity(config: PrecomputeConfig, backend: str, tokenizer: Any) -> dict[str, Any]:
-    model_dir = resolve_model_dir(config.model)
-    check_model_dir(model_dir, config.model)
+def cache_identity(config: PrecomputeConfig, backend: str, tokenizer: Any,
+                   model_dir: Path | None = None) -> dict[str, Any]:
+    if model_dir is None:
+        model_dir = resolve_model_dir(config.model)
+        check_model_dir(model_dir, config.model)
     log.info("fingerprinting model, tokenizer and data")
     return {
         "reference_model": {"path": config.model, "dtype": config.dtype,
@@ -101,5 +103,15 @@ def cache_identity(config: PrecomputeConfig, backend: str, tokenizer: Any) -> di
             "backend": backend,
             "format_version": CACHE_FORMAT_VERSION,
         },
-        "data": {"fingerprint": fingerprint_inputs(config.data)},
+        "data": data_identity(config),
     }
+
+
+def data_identity(config: PrecomputeConfig) -> dict[str, Any]:
+    """The data's fingerprint; for Hub datasets also their resolved revision, config and
+    split, in the manifest (plain files keep the key they always had)."""
+    identity: dict[str, Any] = {"fingerprint": fingerprint_inputs(config.data, config.subset)}
+    hub = [source_identity(p, config.subset) for p in config.data if is_hub_id(p)]
+    if hub:
+        identity["hub"] = hub
+    return identity

@@ -16,8 +16,16 @@ from tqdm.auto import tqdm
 
 from shared.cache import SCHEMA
 from shared.errors import ConfigError, InputError
-from shared.formats import Example, RecordRef, apply_column_map, detect_shape, to_examples
-from shared.readers import iter_records
+from shared.formats import (
+    SHAPE_FIELDS,
+    Example,
+    RecordRef,
+    apply_column_map,
+    detect_shape,
+    to_examples,
+    unknown_format_fix,
+)
+from shared.readers import DEFAULT_SUBSET, Subset, is_hub_id, iter_records
 from shared.tokenization import (
     TokenizedRow,
     TokenizeOptions,
@@ -66,14 +74,15 @@ class Prepared:
 
 
 def prepare(data: tuple[str, ...], tokenizer: Any, opts: TokenizeOptions, shape: str,
-            columns: Mapping[str, str], skip_invalid: bool, spill: Path) -> Prepared:
+            columns: Mapping[str, str], skip_invalid: bool, spill: Path,
+            subset: Subset = DEFAULT_SUBSET) -> Prepared:
     invalid = InvalidLog(skip_invalid)
     files: list[dict[str, Any]] = []
     start = 0
     with pa.OSFile(str(spill), "wb") as sink, pa.ipc.new_file(sink, ROW_SCHEMA) as writer:
         for path in data:
             count, used_shape = _prepare_file(path, start, tokenizer, opts, shape, columns,
-                                              invalid, writer)
+                                              invalid, writer, subset)
             files.append({"path": str(path), "records": count, "format": used_shape})
             start += count
     rows = pa.ipc.open_file(pa.memory_map(str(spill))).read_all()
@@ -84,11 +93,13 @@ def prepare(data: tuple[str, ...], tokenizer: Any, opts: TokenizeOptions, shape:
 
 def _prepare_file(path: str, start: int, tokenizer: Any, opts: TokenizeOptions, shape: str,
                   columns: Mapping[str, str], invalid: InvalidLog,
-                  writer: pa.ipc.RecordBatchFileWriter) -> tuple[int, str]:
+                  writer: pa.ipc.RecordBatchFileWriter, subset: Subset) -> tuple[int, str]:
     pending: list[tuple[Example, RecordRef]] = []
     shape_here = None if shape == "auto" else shape
     count = 0
-    for index, record in tqdm(iter_records(path), desc=f"tokenize {Path(path).name}",
+    first_keys: list[str] | None = None  # the first record's fields, for the error below
+    name = path if is_hub_id(path) else Path(path).name
+    for index, record in tqdm(iter_records(path, subset), desc=f"tokenize {name}",
                               unit="rec", mininterval=1.0):
         count += 1
         ref = RecordRef(str(path), index)
@@ -97,6 +108,7 @@ def _prepare_file(path: str, start: int, tokenizer: Any, opts: TokenizeOptions, 
                 raise record
             if isinstance(record, Mapping):
                 record = apply_column_map(record, columns)
+                first_keys = sorted(map(str, record)) if first_keys is None else first_keys
             shape_here = shape_here or detect_shape(record, ref)
             pending.extend((ex, ref) for ex in to_examples(record, shape_here, ref,
                                                            start + index))
@@ -109,8 +121,9 @@ def _prepare_file(path: str, start: int, tokenizer: Any, opts: TokenizeOptions, 
             pending = []
     _flush(pending, tokenizer, opts, invalid, writer)
     if shape_here is None and count:
-        raise ConfigError(f"{path}: no record had a recognisable format; see the counts of "
-                          "invalid records, or force --format")
+        raise ConfigError(f"{path}: no record of {count} had a recognisable format (expected "
+                          f"{SHAPE_FIELDS}; the first record's fields: {first_keys}). "
+                          f"{unknown_format_fix(first_keys or [])}")
     return count, shape_here or "empty"
 
 

@@ -15,7 +15,13 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from precompute.config import PrecomputeConfig
-from precompute.identity import cache_identity, library_versions, load_tokenizer
+from precompute.identity import (
+    cache_identity,
+    check_model_dir,
+    library_versions,
+    load_tokenizer,
+    resolve_model_dir,
+)
 from precompute.prepare import Prepared, prepare
 from precompute.reuse import recorded_shards, reusable_shard
 from precompute.scoring import Scorer, make_scorer, resolve_backend
@@ -37,6 +43,7 @@ from shared.fingerprint import sha256_json
 from shared.formats import parse_column_map
 from shared.lock import FolderLock
 from shared.manifest import check_manifest, load_json_object
+from shared.sources import check_model_source, removed_if_refused
 
 log = logging.getLogger(__name__)
 _SHARD = re.compile(r"^shard-(\d{5})-of-\d{5}\.parquet$")
@@ -52,14 +59,18 @@ def run(config: PrecomputeConfig, scorer: Scorer | None = None) -> dict[str, Any
     """Build (or resume) this worker's part of the cache. ``scorer``: an engine already
     started by the caller (kept open), e.g. to score several datasets with one vLLM."""
     started = time.monotonic()
+    check_model_source(config.model)
+    if config.tokenizer:
+        check_model_source(config.tokenizer, "--tokenizer")
     out = Path(config.output)
     check_output_outside_inputs(out, config.data)
-    with writing(out):
-        out.mkdir(parents=True, exist_ok=True)
-    refuse_links_in(out, "the cache")
-    lock = out / f".kto-precompute-worker-{config.worker_index:05d}.lock"
-    with FolderLock(lock, f"--output {out} (worker {config.worker_index})"):
-        return _run_locked(config, scorer, out, started)
+    with removed_if_refused(out):
+        with writing(out):
+            out.mkdir(parents=True, exist_ok=True)
+        refuse_links_in(out, "the cache")
+        lock = out / f".kto-precompute-worker-{config.worker_index:05d}.lock"
+        with FolderLock(lock, f"--output {out} (worker {config.worker_index})"):
+            return _run_locked(config, scorer, out, started)
 
 
 def check_output_outside_inputs(out: Path, data: tuple[str, ...]) -> None:
@@ -76,16 +87,21 @@ def check_output_outside_inputs(out: Path, data: tuple[str, ...]) -> None:
 
 def _run_locked(config: PrecomputeConfig, scorer: Scorer | None, out: Path,
                 started: float) -> dict[str, Any]:
+    model_dir = resolve_model_dir(config.model)
+    check_model_dir(model_dir, config.model)  # a config and weights: a second
     tokenizer = load_tokenizer(config.tokenizer_path)
     backend = resolve_backend(config.backend)
-    identity = cache_identity(config, backend, tokenizer)
-    cache_key = sha256_json(identity)
-    _claim_output(out, cache_key, config)
+    # the data are read and checked before the weights are hashed (a minute for a large
+    # model), so a misspelled field is reported at once
     with tempfile.TemporaryDirectory(prefix="kto-precompute-", ignore_cleanup_errors=True) as tmp:
         spill = Path(tmp) / "rows.arrow"
         with writing(spill, where="TMPDIR"):
             prepared = prepare(config.data, tokenizer, config.tokenize, config.format,
-                               parse_column_map(config.columns), config.skip_invalid, spill)
+                               parse_column_map(config.columns), config.skip_invalid, spill,
+                               config.subset)
+        identity = cache_identity(config, backend, tokenizer, model_dir)
+        cache_key = sha256_json(identity)
+        _claim_output(out, cache_key, config, identity)
     # the rows stay memory-mapped: POSIX keeps an unlinked file's pages while a mapping
     # holds them, so a kill -9 while scoring leaves nothing in $TMPDIR
     bounds = shard_bounds(prepared.rows.num_rows, config.shard_size)
@@ -100,9 +116,11 @@ def _run_locked(config: PrecomputeConfig, scorer: Scorer | None, out: Path,
     return _summary(manifest, scored, time.monotonic() - started, out, config)
 
 
-def _claim_output(out: Path, cache_key: str, config: PrecomputeConfig) -> None:
-    """Refuse to mix caches. --overwrite removes only what this worker would write (its
-    shards, its part manifest, the combined manifest): workers may share a directory."""
+def _claim_output(out: Path, cache_key: str, config: PrecomputeConfig,
+                  identity: dict[str, Any]) -> None:
+    """Refuse to mix caches, naming the settings that differ. --overwrite removes only what
+    this worker would write (its shards, its part manifest, the combined manifest): workers
+    may share a directory."""
     if config.overwrite:
         for f in out.iterdir():
             if _owned_by(f.name, config.num_workers, config.worker_index) or is_card(f):
@@ -112,12 +130,37 @@ def _claim_output(out: Path, cache_key: str, config: PrecomputeConfig) -> None:
     if not manifest.is_file():
         return
     try:
-        key = check_manifest(load_json_object(manifest), manifest)["cache_key"]
+        earlier = check_manifest(load_json_object(manifest), manifest)
     except KtoError as err:
         raise CacheError(f"{err}; or pass --overwrite to rebuild the cache in {out}") from None
-    if key != cache_key:
-        raise CacheError(f"{out} already holds a cache made with other settings; use a new "
-                         "--output directory or pass --overwrite")
+    if earlier["cache_key"] != cache_key:
+        changed = "; ".join(identity_differences(earlier, identity)) or "the cache key"
+        raise CacheError(f"{out} already holds a cache made with other settings ({changed}); "
+                         "use a new --output directory or pass --overwrite")
+
+
+def identity_differences(earlier: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``section.key: old then, new now`` for every identity value that changed (the
+    manifest holds more than the identity: only the identity's keys are compared)."""
+    found = []
+    for section, values in now.items():
+        before = earlier.get(section)
+        if not isinstance(values, dict) or not isinstance(before, dict):
+            if before != values:
+                found.append(f"{section}: {before!r} then, {values!r} now")
+            continue
+        for key, value in values.items():
+            if before.get(key) != value:
+                found.append(f"{section}.{key}: {_short(before.get(key))} then, "
+                             f"{_short(value)} now")
+    return found
+
+
+def _short(value: Any) -> str:
+    """Fingerprints shortened to 12 characters, as kto-train prints them."""
+    if isinstance(value, str) and len(value) == 64:
+        return value[:12]
+    return repr(value)
 
 
 def _owned_by(name: str, num_workers: int, worker_index: int) -> bool:

@@ -6,11 +6,12 @@ messages; ShareGPT's ``{"from", "value"}`` messages are accepted and renamed."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import difflib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Union
 
-from shared.errors import ConfigError, InputError
+from shared.errors import RECORD_FIX, ConfigError, InputError
 
 Message = dict[str, str]
 Content = Union[str, list[Message]]  # noqa: UP007 (py3.10 runtime alias)
@@ -51,15 +52,42 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
 
 
+SHAPE_FIELDS = ("prompt/completion/label, prompt/chosen/rejected, chosen/rejected, "
+                "messages+label or conversations/chosen/rejected")
+
+
+def did_you_mean(fields: Iterable[str], known: Iterable[str] = CANONICAL_FIELDS) -> list[str]:
+    """``--column completion=completon`` for each field that is a near miss of a known
+    name (and not itself known)."""
+    known = list(known)
+    hints = []
+    for name in fields:
+        match = difflib.get_close_matches(str(name), known, n=1, cutoff=0.75)
+        if match and name not in known:
+            hints.append(f"--column {match[0]}={name}")
+    return hints
+
+
+def unknown_format_fix(keys: Iterable[str]) -> str:
+    """What to do when a record's fields match no shape. Not --skip-invalid: when no record
+    has a known format, skipping them all leaves nothing to train on."""
+    hints = did_you_mean(keys)
+    mean = f"Did you mean {' and '.join(hints)}? " if hints else ""
+    return (f"{mean}Rename the fields with --column CANONICAL=SOURCE (CANONICAL one of "
+            f"{', '.join(CANONICAL_FIELDS)}), or force --format.")
+
+
 def parse_column_map(items: tuple[str, ...]) -> dict[str, str]:
     """``("label=kto_tag", ...)`` -> ``{"label": "kto_tag"}`` (canonical name -> source name)."""
     mapping: dict[str, str] = {}
     for item in items:
         canonical, sep, source = item.partition("=")
         if not sep or canonical not in CANONICAL_FIELDS or not source:
+            near = difflib.get_close_matches(canonical, CANONICAL_FIELDS, n=1)
+            mean = f" (did you mean {near[0]}={source}?)" if near and sep else ""
             raise ConfigError(
                 f"--column {item!r}: expected CANONICAL=SOURCE with CANONICAL one of "
-                f"{', '.join(CANONICAL_FIELDS)}, e.g. --column label=kto_tag")
+                f"{', '.join(CANONICAL_FIELDS)}, e.g. --column label=kto_tag{mean}")
         mapping[canonical] = source
     return mapping
 
@@ -87,11 +115,8 @@ def detect_shape(record: Any, ref: RecordRef) -> str:
         return "implicit_prompt"
     if {"prompt", "completion", "label"} <= keys:
         return "unpaired"
-    raise ref.error(
-        "<record>", "cannot detect the input format",
-        "prompt/completion/label, prompt/chosen/rejected, chosen/rejected, messages+label or "
-        "conversations/chosen/rejected (rename columns with --column, or force --format)",
-        sorted(keys))
+    raise InputError(ref.path, ref.index, "<record>", "cannot detect the input format",
+                     SHAPE_FIELDS, _describe(sorted(keys)), fix=unknown_format_fix(keys))
 
 
 def to_examples(record: Any, shape: str, ref: RecordRef, source_index: int) -> list[Example]:
@@ -153,7 +178,11 @@ def _require_text(messages: list[Message], name: str, ref: RecordRef) -> None:
 
 def _field(record: Mapping[str, Any], name: str, ref: RecordRef) -> Any:
     if name not in record or record[name] is None:
-        raise ref.error(name, "missing field", f"a value for '{name}'", sorted(record))
+        near = difflib.get_close_matches(name, [str(k) for k in record], n=1, cutoff=0.75)
+        fix = (f"Did you mean --column {name}={near[0]}? {RECORD_FIX}" if near and
+               name not in record else None)
+        raise InputError(ref.path, ref.index, name, "missing field", f"a value for '{name}'",
+                         _describe(sorted(record)), fix=fix)
     return record[name]
 
 

@@ -1,37 +1,66 @@
-"""Read input records from JSON, JSONL (either gzipped: .json.gz, .jsonl.gz), Parquet or
-a ``datasets.save_to_disk`` directory, one dict at a time, keeping each record's index
-for error messages. JSON lines are read one line at a time, gzipped or not."""
+"""Read input records from JSON, JSONL (either gzipped: .json.gz, .jsonl.gz), Parquet, a
+``datasets.save_to_disk`` directory, a dataset repository folder or a Hub dataset id (both
+streamed through ``datasets``, with a config and split), one dict at a time, keeping each
+record's index for error messages. JSON lines are read one line at a time, gzipped or not."""
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
 import os
+import re
 import sys
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from shared.errors import FILE_FIELD, InputError
 from shared.fingerprint import sha256_file
 
-SUPPORTED = (".json, .jsonl (or either gzipped: .json.gz, .jsonl.gz), .parquet or a directory "
-             "written by datasets.save_to_disk")
+SUPPORTED = (".json, .jsonl (or either gzipped: .json.gz, .jsonl.gz), .parquet, a directory "
+             "written by datasets.save_to_disk, a dataset repository folder or a Hub dataset "
+             "id (org/name)")
+_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".parquet")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_SAVED = ("state.json", "dataset_dict.json")  # what datasets.save_to_disk writes
 REENCODE = "Re-encode the file as UTF-8 (e.g. iconv -f LATIN1 -t UTF-8 IN > OUT) and rerun."
 _BATCH_ROWS = 1000
 
 
-def iter_records(path: str) -> Iterator[tuple[int, Any]]:
+@dataclass(frozen=True)
+class Subset:
+    """Which part of a dataset repository (a Hub id or a local folder) to read."""
+
+    config: str | None = None
+    split: str = "train"
+
+
+DEFAULT_SUBSET = Subset()
+
+
+def is_hub_id(path: str) -> bool:
+    """``org/name`` (or ``name``) that is no local path and no file name: a Hub dataset."""
+    return (not os.path.exists(path) and bool(_HUB_ID.match(path))
+            and not path.endswith(_SUFFIXES))
+
+
+def iter_records(path: str, subset: Subset = DEFAULT_SUBSET) -> Iterator[tuple[int, Any]]:
     """Yield ``(index_in_file, record)`` for every record of one input file. A JSON
     line that does not parse is yielded as an ``InputError`` in place of the record,
     so the caller decides whether it stops the run or is counted and skipped."""
     p = Path(path)
     try:
-        if p.is_dir():
-            yield from _iter_saved_dataset(p)
+        if is_hub_id(path):
+            yield from _iter_repository(hub_snapshot(path)[0] or path, subset, path)
+        elif p.is_dir() and not any((p / name).is_file() for name in _SAVED):
+            yield from _iter_repository(str(p), subset, path)
+        elif p.is_dir():
+            yield from _iter_saved_dataset(p, subset.split)
         elif not p.exists():
             raise InputError(path, 0, FILE_FIELD, "file not found", SUPPORTED, "a missing path",
                              fix="Check the --data path.")
@@ -162,7 +191,7 @@ def _iter_parquet(p: Path) -> Iterator[tuple[int, Any]]:
                          fix="Rewrite or re-download the file.") from None
 
 
-def _iter_saved_dataset(p: Path) -> Iterator[tuple[int, Any]]:
+def _iter_saved_dataset(p: Path, split: str) -> Iterator[tuple[int, Any]]:
     import datasets
 
     try:
@@ -173,10 +202,11 @@ def _iter_saved_dataset(p: Path) -> Iterator[tuple[int, Any]]:
     except Exception as err:  # json, pyarrow and datasets each raise their own
         raise _damaged_saved_dataset(p, err) from None
     if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise InputError(str(p), 0, FILE_FIELD, "a DatasetDict without a 'train' split",
-                             "a Dataset, or a DatasetDict with 'train'", str(list(ds)))
-        ds = ds["train"]
+        if split not in ds:
+            raise InputError(str(p), 0, FILE_FIELD, f"a DatasetDict without a {split!r} split",
+                             f"a Dataset, or a DatasetDict with {split!r}", str(list(ds)),
+                             fix="Choose a split with --dataset-split.")
+        ds = ds[split]
     index = 0
     batches = ds.iter(batch_size=_BATCH_ROWS)
     while True:
@@ -200,13 +230,68 @@ def _damaged_saved_dataset(p: Path, err: Exception, index: int = 0) -> InputErro
                       "files as --data.")
 
 
-def fingerprint_inputs(paths: tuple[str, ...]) -> str:
-    """SHA-256 over every input file's name and SHA-256 (a directory: its files, sorted)."""
+@functools.lru_cache(maxsize=64)
+def hub_snapshot(name: str) -> tuple[str | None, str]:
+    """A Hub dataset's resolved revision (commit): offline (HF_HUB_OFFLINE=1), the hub
+    cache's snapshot folder and its commit; online, ``(None, commit)`` asked of the Hub
+    (the rows are then streamed from that commit)."""
+    from huggingface_hub import HfApi, constants, snapshot_download
+
+    try:
+        if constants.HF_HUB_OFFLINE:
+            folder = snapshot_download(name, repo_type="dataset", local_files_only=True)
+            return folder, Path(folder).name
+        return None, HfApi().dataset_info(name).sha
+    except Exception as err:  # the hub client raises many kinds; the message is what matters
+        raise InputError(name, 0, FILE_FIELD, "no such local path or Hub dataset", SUPPORTED,
+                         f"{type(err).__name__}: {str(err).splitlines()[0][:200]}",
+                         fix="Check the --data path or dataset id (offline, the dataset must "
+                             "be in the hub cache: huggingface-cli download --repo-type "
+                             "dataset NAME).") from None
+
+
+def _iter_repository(where: str, subset: Subset, name: str) -> Iterator[tuple[int, Any]]:
+    """A dataset repository (local folder, hub cache snapshot, or Hub id), streamed."""
+    import datasets
+
+    revision = None if os.path.isdir(where) else hub_snapshot(where)[1]
+    try:
+        ds = datasets.load_dataset(where, subset.config, split=subset.split, streaming=True,
+                                   revision=revision)
+    except (ValueError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as err:
+        raise InputError(name, 0, FILE_FIELD, "cannot read the dataset",
+                         "a dataset repository with that config and split",
+                         f"config {subset.config!r}, split {subset.split!r}: "
+                         f"{str(err).splitlines()[0][:300]}",
+                         fix="Check --dataset-config and --dataset-split.") from None
+    yield from enumerate(ds)
+
+
+def fingerprint_inputs(paths: tuple[str, ...], subset: Subset = DEFAULT_SUBSET) -> str:
+    """SHA-256 over every input file's name and SHA-256 (a directory: its files, sorted);
+    a Hub dataset: its id, resolved revision, config and split; a dataset repository
+    folder: its files, config and split."""
     h = hashlib.sha256()
     for path in paths:
+        saved = os.path.isdir(path) and any(os.path.isfile(os.path.join(path, name))
+                                            for name in _SAVED)
+        # a saved dataset's split counts where it is not the default (older caches of
+        # saved datasets keep their key)
+        if is_hub_id(path) or (os.path.isdir(path) and not saved) or (
+                saved and subset != DEFAULT_SUBSET):
+            h.update(json.dumps(source_identity(path, subset), sort_keys=True).encode())
+        if is_hub_id(path):
+            continue
         files = sorted(Path(path).rglob("*")) if os.path.isdir(path) else [Path(path)]
         for f in files:
             if f.is_file():
                 h.update(str(f.relative_to(path) if os.path.isdir(path) else f.name).encode())
                 h.update(sha256_file(f).encode())
     return h.hexdigest()
+
+
+def source_identity(path: str, subset: Subset) -> dict[str, Any]:
+    """What names a dataset repository's rows: a Hub id with its resolved revision, or a
+    local folder; with the config and split read."""
+    base = {"dataset": path, "revision": hub_snapshot(path)[1]} if is_hub_id(path) else {}
+    return {**base, "config": subset.config, "split": subset.split}

@@ -1,4 +1,5 @@
-"""The one typed, frozen configuration of kto-train, with TRL's names and defaults.
+"""The one typed, frozen configuration of kto-train, with TRL's names and defaults (where
+one differs from TRL 1.16's KTOConfig, ``TRL_DEFAULTS`` says so and why).
 Defaults live here; validation lives here; the CLI only fills it in."""
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ class TrainConfig:
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
     ftx_gamma: float = 0.0
-    # optimisation (transformers TrainingArguments names)
-    learning_rate: float = 5e-7
-    per_device_train_batch_size: int = 4
+    # lengths are fixed when the cache is built; given, it must equal the cache's
+    max_length: int | None = None
+    # optimisation (transformers TrainingArguments names; TRL 1.16 KTOConfig defaults)
+    learning_rate: float = 1e-6
+    per_device_train_batch_size: int = 8
     gradient_accumulation_steps: int = 1
-    num_train_epochs: float = 1.0
+    num_train_epochs: float = 3.0
     max_steps: int = -1
     warmup_ratio: float = 0.0
     lr_scheduler_type: str = "linear"
@@ -47,7 +50,7 @@ class TrainConfig:
     # checkpointing cuts activation memory by about the number of layers for about a
     # third more compute (README, Training: memory and precision).
     torch_dtype: str = "float32"
-    bf16: bool = False
+    bf16: bool | None = None  # None: on where a CUDA device supports bf16 (resolved below)
     gradient_checkpointing: bool = True
     attn_implementation: str | None = None  # None = the model's default (sdpa)
     padding_free: bool | None = None  # None = on for flash/flex attention
@@ -71,6 +74,8 @@ class TrainConfig:
     merge_lora: bool = False
 
     def __post_init__(self) -> None:
+        if self.bf16 is None:  # resolved here, so train_config.json records what ran
+            object.__setattr__(self, "bf16", cuda_supports_bf16())
         check_finite(self)
         if self.loss_type not in LOSS_TYPES:
             raise ConfigError(f"--loss-type {self.loss_type!r}: expected {', '.join(LOSS_TYPES)}")
@@ -114,8 +119,30 @@ class TrainConfig:
         return [f.name for f in fields(cls)]
 
 
+# Where our default differs from TRL 1.16's KTOConfig: TRL's value and the reason. The
+# others (learning rate 1e-6, batch 8, 3 epochs, gradient checkpointing, logging every
+# 10 steps) are TRL's.
+TRL_DEFAULTS = {
+    "bf16": ("on", "on CPU, bf16 autocast is emulated (slower than float32) on CPUs "
+                   "without AVX512-BF16/AMX, and results would differ from machine to machine"),
+    "save_steps": ("500", "a checkpoint holds the weights and AdamW state (about 16 bytes "
+                          "per parameter in float32; 112 GB for a 7B policy), kept forever "
+                          "with --save-total-limit 0; a stop signal (preemption, Ctrl-C) "
+                          "saves one anyway"),
+}
+
+
+def cuda_supports_bf16() -> bool:
+    """TRL turns bf16 autocast on by default; here only where a CUDA device has bf16."""
+    import torch
+
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
 def _check_run_options(c: TrainConfig) -> None:
     """Counts and weights that would otherwise fail deep inside a run."""
+    if c.max_length is not None and c.max_length < 1:
+        raise ConfigError(f"--max-length {c.max_length} must be at least 1")
     for name in ("save_steps", "save_total_limit", "eval_steps", "lora_r"):
         if getattr(c, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from shared.cache import verify_cache
+from shared.cache import MANIFEST, verify_cache
 from shared.dataset import map_shards
 from shared.errors import CacheError, writing
 from shared.fingerprint import tokenizer_fingerprint
@@ -37,15 +37,28 @@ class CacheRows:
         return self.table.num_rows
 
 
-def open_cache(directory: str, tokenizer: Any, spill: Path) -> CacheRows:
+def check_cache_folder(directory: str, model: str, option: str = "--cache") -> None:
+    """Before anything loads: a data file (or a folder of data) given where a cache belongs
+    is named, with the kto-precompute command that builds the cache from it."""
+    p = Path(directory)
+    if p.is_dir() and ((p / MANIFEST).is_file() or any(p.glob("manifest.worker-*.json"))):
+        return  # a cache, or worker parts (verify_cache says to combine them)
+    if not p.exists():
+        raise CacheError(f"{option} {directory}: no such folder; give the --output folder of a "
+                         "kto-precompute run")
+    what = "a file" if p.is_file() else "a folder without manifest.json"
+    raise CacheError(f"{option} {directory} is {what}, not a kto-precompute cache. If it holds "
+                     f"your data, build the cache from it first: kto-precompute --model {model} "
+                     f"--data {directory} --output CACHE_DIR, then pass {option} CACHE_DIR")
+
+
+def open_cache(directory: str, tokenizer: Any, spill: Path,
+               tokenizer_name: str = "the policy's") -> CacheRows:
     """Verify checksums and the tokenizer fingerprint, then map the rows."""
     manifest = verify_cache(directory, checksums=True)
     mine, theirs = tokenizer_fingerprint(tokenizer), manifest["tokenizer"]["fingerprint"]
     if mine != theirs:
-        raise CacheError(
-            f"{directory} was tokenized with another tokenizer (cache fingerprint {theirs[:12]}, "
-            f"policy tokenizer {mine[:12]}); rebuild the cache with the policy's tokenizer "
-            "(kto-precompute --tokenizer) or pass the matching --tokenizer")
+        raise CacheError(tokenizer_mismatch(directory, manifest, mine, tokenizer_name))
     with writing(spill, where="TMPDIR"):
         table = map_shards(directory, manifest, COLUMNS, spill)
     lengths = (pc.list_value_length(table["prompt_ids"]).to_numpy()
@@ -88,6 +101,33 @@ def check_eval_pairing(train: dict[str, Any], evaluation: dict[str, Any]) -> Non
                          + "; ".join(differ) + "): its rewards would be measured against "
                          "another reference. Build both caches with the same --model and "
                          "--dtype in kto-precompute")
+
+
+def tokenizer_mismatch(directory: str, manifest: dict[str, Any], mine: str,
+                       tokenizer_name: str) -> str:
+    """The cache's reference model and tokenizer, and the command that rebuilds it."""
+    reference = manifest.get("reference_model", {}).get("path", "MODEL")
+    theirs = manifest["tokenizer"]
+    data = " ".join(f"--data {f['path']}" for f in manifest.get("data", {}).get("files", [])
+                    if "path" in f) or "--data DATA"
+    return (f"{directory} was tokenized with another tokenizer: the cache's is "
+            f"{theirs.get('path', '?')} (reference model {reference}, fingerprint "
+            f"{theirs['fingerprint'][:12]}), the policy's is {tokenizer_name} (fingerprint "
+            f"{mine[:12]}). Rebuild the cache with the policy's tokenizer: kto-precompute "
+            f"--model {reference} --tokenizer {tokenizer_name} {data} --output NEW_CACHE "
+            f"(then --cache NEW_CACHE), or pass --tokenizer {theirs.get('path', '?')} if that "
+            "is the policy's tokenizer")
+
+
+def check_max_length(c_max_length: int | None, manifest: dict[str, Any], directory: str) -> None:
+    """kto-train --max-length (TRL's max_length, so one YAML serves both commands): the
+    lengths were fixed when the cache was built; a different value is an error."""
+    built = manifest.get("preprocessing", {}).get("max_length")
+    if c_max_length is not None and c_max_length != built:
+        raise CacheError(f"--max-length {c_max_length}: {directory} was built with --max-length "
+                         f"{built}, and lengths are fixed when the cache is built; rebuild it "
+                         f"with kto-precompute --max-length {c_max_length}, or drop "
+                         "--max-length here")
 
 
 def epoch_order(lengths: np.ndarray, epoch: int, seed: int, global_batch: int,

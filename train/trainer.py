@@ -5,9 +5,11 @@ compare against a live reference model)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
+import os
 import signal
 import tempfile
 import time
@@ -18,15 +20,19 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from shared.cli import RunLog
 from shared.errors import ConfigError, Interrupted, KtoError, writing
 from shared.files import refuse_links_in
 from shared.signals import SignalGuard
+from shared.sources import check_model_source
 from shared.weights import check_weight_files
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig
 from train.data import (
     CacheRows,
+    check_cache_folder,
     check_eval_pairing,
+    check_max_length,
     check_token_ids,
     collate,
     epoch_order,
@@ -55,6 +61,7 @@ from train.trackers import start_trackers, tracker_values
 log = logging.getLogger(__name__)
 Reference = Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]
 __all__ = ["NonFiniteLossError", "Trainer", "cached_reference"]
+LOG_FILE = "kto-train.log"
 
 
 def cached_reference(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,6 +88,16 @@ def eval_span_check(rows: int, per_device: int, world: int) -> None:
                     "processes)", rows - rows % span, rows, per_device, world)
 
 
+def check_sources(c: TrainConfig) -> None:
+    """The paths a run reads, named at once when wrong (no hub retries, no model load)."""
+    check_model_source(c.model)
+    if c.tokenizer:
+        check_model_source(c.tokenizer, "--tokenizer")
+    check_cache_folder(c.cache, c.model)
+    if c.eval_cache:
+        check_cache_folder(c.eval_cache, c.model, "--eval-cache")
+
+
 def _to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
@@ -91,20 +108,32 @@ def _to(batch: Any, device: torch.device) -> Any:
 
 class Trainer:
     def __init__(self, config: TrainConfig, reference: Reference = cached_reference,
-                 signals: SignalGuard | None = None):
+                 signals: SignalGuard | None = None, log_file: bool = False):
         self.config = config
+        # the CLI's: everything logged also goes to OUTPUT/kto-train.log once the run may
+        # write there (library noise of checkpoint saves goes only there)
+        self.run_log = RunLog() if log_file else None
         self.reference = reference
         # installed by the CLI: a stop signal ends the loop at a step boundary (checkpoint)
         self.signals = signals or SignalGuard()
         self.timing: dict[str, float] = {}  # steps_run, train_seconds (filled by train)
         self.out = Path(config.output)
 
+    @staticmethod
+    def accelerator_is_main() -> bool:
+        """Rank 0 before the accelerator exists (the launchers' environment)."""
+        return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
+
     # ---- setup -----------------------------------------------------------------------
     def setup(self) -> None:
         c = self.config
+        if self.run_log and self.accelerator_is_main():
+            self.run_log.start()
+        check_sources(c)  # before anything loads or --output is created
         if self.out.exists() and not self.out.is_dir():
             raise ConfigError(f"--output {self.out} is a file, not a folder; choose a folder "
                               "(it is created if missing)")
+        self._created = not self.out.exists()  # removed by cleanup if a refusal left it empty
         with writing(self.out):
             self.out.mkdir(parents=True, exist_ok=True)
         refuse_links_in(self.out, "this run")
@@ -115,9 +144,13 @@ class Trainer:
         # setup is done (POSIX keeps an unlinked file's pages while a mapping holds them), so
         # a kill -9 during training leaves nothing behind
         with tempfile.TemporaryDirectory(prefix="kto-train-", ignore_cleanup_errors=True) as tmp:
-            self.rows = open_cache(c.cache, self.tokenizer, Path(tmp) / "train.arrow")
-            self.eval_rows = (open_cache(c.eval_cache, self.tokenizer, Path(tmp) / "eval.arrow")
-                              if c.eval_cache else None)
+            name = c.tokenizer or c.model
+            self.rows = open_cache(c.cache, self.tokenizer, Path(tmp) / "train.arrow", name)
+            self.eval_rows = (open_cache(c.eval_cache, self.tokenizer, Path(tmp) / "eval.arrow",
+                                         name) if c.eval_cache else None)
+        for rows, where in ((self.rows, c.cache), (self.eval_rows, c.eval_cache)):
+            if rows is not None:
+                check_max_length(c.max_length, rows.manifest, where)
         if self.eval_rows is not None:
             check_eval_pairing(self.rows.manifest, self.eval_rows.manifest)
         if self.accelerator.is_main_process:
@@ -158,6 +191,8 @@ class Trainer:
         self.checkpoints = Checkpointer(self.accelerator, self.out, c.save_total_limit, identity,
                                         self.scheduler)
         start_run(self.accelerator, self.out, c, plan)
+        if self.run_log and self.accelerator.is_main_process:
+            self.run_log.open(self.out / LOG_FILE)
         start_trackers(self.accelerator, c, self.out)  # only now may --output change
         self.step = self.checkpoints.load(plan.resume_from) if plan.resume_from else 0
         # only the main process touches metrics.jsonl (another would truncate it)
@@ -251,7 +286,10 @@ class Trainer:
                        "train_seconds": round(time.monotonic() - loop_started, 3)}
         if self.eval_rows and not (c.eval_steps and self.step % c.eval_steps == 0):
             self.evaluate()
-        return last or {}
+        # the final evaluation beside the last training window (the summary users read)
+        final_eval = {k: v for k, v in getattr(self, "last_eval", {}).items()
+                      if k.startswith("eval_")}
+        return {**(last or {}), **final_eval}
 
     def _optimizer_step(self) -> float:
         c = self.config
@@ -312,6 +350,7 @@ class Trainer:
         if self.metrics:
             self.metrics.write(record)
         acc.log(tracker_values(record, self.config.report_to), step=self.step)
+        self.last_eval = record
         return record
 
     # ---- save and clean up ----------------------------------------------------------
@@ -320,10 +359,16 @@ class Trainer:
             save_final(self.accelerator, self.model, self.tokenizer, self.config, self.out)
 
     def cleanup(self) -> None:
-        """Safe after a partial setup."""
+        """Safe after a partial setup. An --output this run created and left empty (a
+        refused run) is removed."""
         try:
             if hasattr(self, "accelerator"):
                 self.accelerator.end_training()
         finally:
             if getattr(self, "_lock", None) is not None:
                 self._lock.release()
+            if self.run_log:
+                self.run_log.close()
+            if getattr(self, "_created", False):
+                with contextlib.suppress(OSError):  # not empty: a run's outputs stay
+                    self.out.rmdir()
