@@ -41,9 +41,9 @@ IDENTITY_FIELDS = ("reference_model", "tokenizer", "preprocessing")
 
 def cache_key_of(manifest: dict[str, Any]) -> str:
     """The cache key a manifest's identity fields hash to (``data.files`` is a listing
-    added after hashing: only the data fingerprint counts)."""
+    added after hashing; the rest of ``data`` is hashed)."""
     identity = {k: manifest[k] for k in IDENTITY_FIELDS}
-    identity["data"] = {"fingerprint": manifest["data"].get("fingerprint")}
+    identity["data"] = {k: v for k, v in manifest["data"].items() if k != "files"}
     return sha256_json(identity)
 
 
