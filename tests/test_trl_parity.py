@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import KTO_DEMO, build_cache, read_cache
+from conftest import KTO_DEMO, build_cache, need_test_data, read_cache
 from helpers import TRAIN_ATOL, TRAIN_RTOL, assert_close
 
 from train.head import add_chunked_head, policy_logps
@@ -30,6 +30,7 @@ def trl_on_cache(model_dir, tokenizer, root: Path, **config):
     from transformers import AutoModelForCausalLM
     from trl import KTOConfig
 
+    need_test_data()
     data = root / "kto.json"
     data.write_text(json.dumps(json.loads(KTO_DEMO.read_text())[:ROWS]))
     build_cache(model_dir, [data], root / "cache", max_length=512, max_prompt_length=256)
