@@ -41,7 +41,9 @@ def need_test_data() -> None:
 
 
 def pytest_runtest_setup(item) -> None:
-    if item.get_closest_marker("real_data") is not None:
+    """Before any fixture: one skip location, so pytest -ra reports all of them in one line."""
+    if (item.get_closest_marker("real_data") is not None
+            or "hf_real_caches" in getattr(item, "fixturenames", ())):
         need_test_data()
 
 

@@ -50,6 +50,7 @@ def trl_run(tiny_dir, tokenizer, tmp_path_factory):
     return trl_on_cache(tiny_dir, tokenizer, tmp_path_factory.mktemp("trl"))
 
 
+@pytest.mark.real_data
 def test_trl_reference_logps_equal_the_cache(trl_run):
     trainer, cache = trl_run
     ds = trainer.train_dataset
@@ -59,6 +60,7 @@ def test_trl_reference_logps_equal_the_cache(trl_run):
                  what="TRL precompute vs cache ref_kl_logps")
 
 
+@pytest.mark.real_data
 def test_trl_loss_equals_kto_train_loss(trl_run):
     trainer, cache = trl_run
     theirs, ours, z, labels = both_losses(trainer, cache, aux_coef=0.0)
@@ -101,6 +103,7 @@ def moe_dir(tmp_path_factory):
     return save_tiny_moe(tmp_path_factory.mktemp("moe") / "model", aux_coef=0.02)
 
 
+@pytest.mark.real_data
 def test_trl_moe_loss_with_router_aux_loss_equals_kto_train(moe_dir, tokenizer,
                                                             tmp_path_factory):
     """A mixture-of-experts policy: TRL 1.16 adds router_aux_loss_coef (here the model
