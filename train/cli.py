@@ -115,7 +115,7 @@ main = click.Command(
     params=[config_param(), *(_option(f) for f in dataclasses.fields(TrainConfig)),
             click.Option(["-v", "--verbose"], is_flag=True)],
     help="Train the policy with KTO from a kto-precompute cache; no reference model is "
-         "loaded. Multi-GPU: accelerate launch -m train.cli ... (see README).")
+         "loaded. Multi-GPU: accelerate launch \"$(which kto-train)\" ... (see README).")
 
-if __name__ == "__main__":  # accelerate launch -m train.cli
+if __name__ == "__main__":  # python -m train.cli
     main()
