@@ -310,10 +310,10 @@ def hf_tokens(model: Path, dtype: str, pairs) -> list:
 
 
 def masks(args) -> None:
-    """The suspected cause of the bf16 non-finite loss (issue 10), asked of the device's
-    own attention kernels: SDPA forward and backward, bf16, the 0.5B shape's heads, on a
-    causal mask with each row's padding on the left (the old layout: fully masked query
-    rows) or on the right (kto-train's layout now). NaN anywhere, in the output of real
+    """Whether the device's own attention kernels turn fully masked query rows into NaN
+    (a cause of a non-finite bf16 loss): SDPA forward and backward, bf16, the 0.5B shape's
+    heads, on a causal mask with each row's padding on the left (fully masked query rows)
+    or on the right (kto-train's layout). NaN anywhere, in the output of real
     rows or in a gradient, would poison a training step."""
     import torch
     import torch.nn.functional as F
