@@ -71,24 +71,30 @@ def test_trl_loss_equals_kto_train_loss(trl_run):
 
 def both_losses(trainer, cache, aux_coef: float):
     """TRL's compute_loss and kto-train's loss (train.head + the pure loss + the router
-    loss) on the first 8 rows, with the policy moved away from the reference."""
+    loss) on the first 8 rows, with the policy moved away from the reference by random
+    noise: the first noise seed (from 1) that gives z > 0, so that the KL term is in both
+    losses rather than clamped to 0 (its sign depends on the model and the rows)."""
     model = trainer.model
-    torch.manual_seed(1)
-    with torch.no_grad():  # move the policy away from the reference: rewards and z != 0
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
     model.eval()
     rows = [trainer.train_dataset[i] for i in range(8)]
+    batch, pad = cache.slice(0, 8).to_pydict(), trainer.processing_class.pad_token_id
+    target = padded(batch["prompt_ids"], batch["completion_ids"], pad)
+    kl_seqs = padded(batch["prompt_ids"], batch["kl_completion_ids"], pad)
+    labels = torch.tensor(batch["label"])
+    ref = torch.tensor(batch["ref_logps"], dtype=torch.float64)
+    ref_kl = torch.tensor(batch["ref_kl_logps"], dtype=torch.float64)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    add_chunked_head(model)  # on top of TRL's own patched forward: ours when asked
     with torch.no_grad():
+        for seed in range(1, 11):
+            model.load_state_dict(start)
+            torch.manual_seed(seed)
+            for p in model.parameters():  # rewards != 0
+                p.add_(0.02 * torch.randn_like(p))
+            z = estimate_kl(policy_logps(model, kl_seqs).logps, ref_kl)
+            if float(z) > 0:
+                break
         theirs = trainer.compute_loss(model, trainer.data_collator(rows))
-        batch, pad = cache.slice(0, 8).to_pydict(), trainer.processing_class.pad_token_id
-        target = padded(batch["prompt_ids"], batch["completion_ids"], pad)
-        kl_seqs = padded(batch["prompt_ids"], batch["kl_completion_ids"], pad)
-        labels = torch.tensor(batch["label"])
-        ref = torch.tensor(batch["ref_logps"], dtype=torch.float64)
-        add_chunked_head(model)  # on top of TRL's own patched forward: ours when asked
-        z = estimate_kl(policy_logps(model, kl_seqs).logps,
-                        torch.tensor(batch["ref_kl_logps"], dtype=torch.float64))
         out = policy_logps(model, {**target, "output_router_logits": bool(aux_coef)})
         ours = kto_loss(out.logps, ref, labels, z, KTOLossConfig(beta=0.1))
         if aux_coef:
