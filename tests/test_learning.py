@@ -1,5 +1,5 @@
 """It learns: an unambiguous synthetic behaviour on held-out prompts, and held-out
-margins on the real kto_en_demo data (tiny random model, measured in the README)."""
+margins on the real kto_en_demo data (tiny random model; docs/training.md shows a run)."""
 
 from __future__ import annotations
 
