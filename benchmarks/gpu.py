@@ -1,17 +1,16 @@
 """What the GPU tables need beyond common.py: the FLOP limit measured with a GEMM on
 the device the run uses, the device memory in use while a command runs (nvidia-smi,
-so vLLM's engine process counts too), and the Qwen2-0.5B shape of the first H200
-measurements (issues 9 and 10), built with random weights and the tests' tokenizer."""
+so vLLM's engine process counts too), and the Qwen2-0.5B shape, built with random
+weights and a byte-level BPE tokenizer trained on the data."""
 
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-from common import ROOT, gemm_peak
+from common import gemm_peak
 
 # Qwen2-0.5B: 24 layers x 896, 14 query / 2 key-value heads, MLP 4864, vocabulary 151936,
 # tied embeddings, biases on q/k/v (transformers' Qwen2Config)
@@ -94,21 +93,19 @@ class DeviceMemory:
         return None if self.base is None else round((self.peak - self.base) / 1024, 3)
 
 
-def build_qwen2(directory: Path, shape: dict | None = None, seed: int = 0,
+def build_qwen2(directory: Path, corpus: list[str], shape: dict | None = None, seed: int = 0,
                 tokenizer_vocab: int = 8192) -> Path:
-    """A random Qwen2 of ``shape`` (default QWEN2_05B) with the tests' byte-level BPE
-    tokenizer (its ids are a subset of the model's vocabulary); built once per folder."""
+    """A random Qwen2 of ``shape`` (default QWEN2_05B) with a byte-level BPE tokenizer
+    trained on ``corpus`` (its ids are a subset of the model's vocabulary); built once per
+    folder."""
     if (directory / "config.json").is_file():
         return directory
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tiny import corpus
-
     from train import demo
 
-    tokenizer = demo.build_tokenizer(corpus(), vocab_size=tokenizer_vocab)
+    tokenizer = demo.build_tokenizer(corpus, vocab_size=tokenizer_vocab)
     config = Qwen2Config(**(shape or QWEN2_05B), tie_word_embeddings=True,
                          max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id,

@@ -1,9 +1,11 @@
-"""The GPU tables (issues 9 and 10), one command each, sized for about 8 minutes on one
-H200 with the 0.5B Qwen2 shape and both real demo files (900 rows, <= 1024 tokens):
+"""The GPU tables, one command each, sized for about 8 minutes on one H200-class GPU
+with the 0.5B Qwen2 shape and both real demo files (900 rows, <= 1024 tokens); DATA is
+the data/ folder of LLaMA-Factory (kto_en_demo.json, dpo_en_demo.json):
 
-    python benchmarks/gpu_tables.py scoring   --out runs/gpu/scoring    # vLLM, hf, TRL
-    python benchmarks/gpu_tables.py train     --out runs/gpu/train      # kto-train vs TRL
-    python benchmarks/gpu_tables.py agreement --out runs/gpu/agreement  # vs float64 oracle
+    python benchmarks/gpu_tables.py masks                  --out runs/gpu/masks      # SDPA NaN
+    python benchmarks/gpu_tables.py scoring   --data DATA  --out runs/gpu/scoring    # vLLM, hf, TRL
+    python benchmarks/gpu_tables.py train     --data DATA  --out runs/gpu/train      # vs TRL
+    python benchmarks/gpu_tables.py agreement --data DATA  --out runs/gpu/agreement  # vs float64
 
 Every tool runs in its own process, as a user would run it. Recorded for each run: its
 dtype and gradient-checkpointing settings, the torch allocator's peak (the tools' own
@@ -16,14 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REAL_DATA, SHARED_DATA, command_line, data_slice, measure, table, versions  # noqa: E402,I001
+from common import (  # noqa: E402,I001
+    add_data_arg, command_line, data_files, data_slice, measure, table, tokenizer_corpus,
+    versions)
 from gpu import DeviceMemory, build_qwen2, device_gemm_peak, flops_per_token, on_gpu  # noqa: E402
 
 TINY = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2,
@@ -39,10 +42,12 @@ BENCH = Path(__file__).resolve().parent
 def setup(args, peak: bool = True) -> tuple[Path, list[str], dict]:
     """Model, data and machine facts (``peak=False``: without the GEMM peak)."""
     name = "tiny" if args.tiny else args.shape
-    model = build_qwen2(args.out.parent / f"model-qwen2-{name}", SHAPES[name])
+    files = data_files(args.data)
+    model = build_qwen2(args.out.parent / f"model-qwen2-{name}", tokenizer_corpus(files),
+                        SHAPES[name])
     records = 12 if args.tiny and not args.records else args.records
-    data = (data_slice(args.out / "data", records) if records else
-            [str(SHARED_DATA / name) for name in REAL_DATA])
+    data = (data_slice(args.out / "data", records, files) if records else
+            [str(f) for f in files])
     info = {"gpu": _gpu_name(), "versions": versions(), "model": name,
             **flops_per_token(model),
             "gemm_peak_tflops_bfloat16": (round(device_gemm_peak("bfloat16") / 1e12, 2)
@@ -108,11 +113,8 @@ def attempt(args, label: str, fn, *fn_args) -> dict:
         result = {"error": str(err)}
     args.out.mkdir(parents=True, exist_ok=True)
     line = json.dumps({"run": label, **result})
-    # KTO_RUNS_LOG: a second copy where the device tool collects files (benchmarks/h200.sh)
-    for log_file in {args.out / "runs.jsonl", Path(os.environ.get("KTO_RUNS_LOG") or
-                                                   args.out / "runs.jsonl")}:
-        with open(log_file, "a") as f:
-            f.write(line + "\n")
+    with open(args.out / "runs.jsonl", "a") as f:
+        f.write(line + "\n")
     print(line, flush=True)
     return result
 
@@ -308,10 +310,10 @@ def hf_tokens(model: Path, dtype: str, pairs) -> list:
 
 
 def masks(args) -> None:
-    """The suspected cause of the bf16 non-finite loss (issue 10), asked of the device's
-    own attention kernels: SDPA forward and backward, bf16, the 0.5B shape's heads, on a
-    causal mask with each row's padding on the left (the old layout: fully masked query
-    rows) or on the right (kto-train's layout now). NaN anywhere, in the output of real
+    """Whether the device's own attention kernels turn fully masked query rows into NaN
+    (a cause of a non-finite bf16 loss): SDPA forward and backward, bf16, the 0.5B shape's
+    heads, on a causal mask with each row's padding on the left (fully masked query rows)
+    or on the right (kto-train's layout). NaN anywhere, in the output of real
     rows or in a gradient, would poison a training step."""
     import torch
     import torch.nn.functional as F
@@ -362,6 +364,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("table", choices=("scoring", "train", "agreement", "masks"))
     ap.add_argument("--out", type=Path, required=True)
+    add_data_arg(ap, required=False)  # every table but masks
     ap.add_argument("--shape", choices=tuple(SHAPES), default="qwen2-0.5b",
                     help="random Qwen2: the 0.5B shape (GPU), 4x512 with the 151936 "
                          "vocabulary (CPU table), or tiny")

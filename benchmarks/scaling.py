@@ -1,9 +1,10 @@
 """Precompute scaling: wall time and peak memory of kto-precompute for growing numbers
-of synthetic rows with the tests' tiny model. Time should grow linearly and memory stay
-flat: rows are streamed into an Arrow spill and scored shard by shard, never held as
-Python objects all at once.
+of synthetic rows with a tiny 2x64 Llama (its tokenizer trained on the --data files, as
+the other tables' random models; without --data, on the tests' corpus). Time should
+grow linearly and memory stay flat: rows are streamed into an Arrow spill and scored
+shard by shard, never held as Python objects all at once.
 
-    python benchmarks/scaling.py --out runs/bench/scaling
+    python benchmarks/scaling.py --data DATA --out runs/bench/scaling
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     ROOT,
     ModelShape,
+    add_data_arg,
     checked,
     command_line,
+    data_files,
     fmt,
     machine,
     measure,
     spread,
     table,
+    tokenizer_corpus,
     write,
 )
 
@@ -52,12 +56,17 @@ def scaling_model(args) -> tuple[Path, str]:
 
         model = materialize() if args.real_model else args.model_dir
         return Path(model), ModelShape.from_config(model).describe()
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tiny import save_tiny
-
     model = args.out / "tiny-model"
     if not (model / "config.json").is_file():
-        save_tiny(model)
+        if args.data:
+            from train import demo
+
+            demo.save_model(model, tokenizer_corpus(data_files(args.data)))
+        else:
+            sys.path.insert(0, str(ROOT / "tests"))
+            from tiny import save_tiny
+
+            save_tiny(model)
     return model, "tiny 2x64 Llama"
 
 
@@ -71,6 +80,7 @@ def main() -> None:
                     help="a saved model folder instead of the tests' tiny model")
     ap.add_argument("--real-model", action="store_true",
                     help="SmolLM2-135M-Instruct (make real-model); use smaller --sizes")
+    add_data_arg(ap, required=False)  # only the tiny model's tokenizer reads it
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     model, what = scaling_model(args)

@@ -7,7 +7,7 @@ scored tokens (prompt + completion, for the target and the KL sequence of each r
 over the scoring phase only; wall time with start-up is reported beside it. TRL scores
 the hf cache's sequences of the same repetition and its values are compared with it.
 
-    python benchmarks/scoring.py --out runs/bench/scoring
+    python benchmarks/scoring.py --data DATA --out runs/bench/scoring
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from common import (  # noqa: E402
     add_model_args,
     checked,
     command_line,
+    data_files,
     data_slice,
     fmt,
     machine,
@@ -80,7 +81,7 @@ def main() -> None:
     args = ap.parse_args()
     backends = args.backends.split(",")
     model, shape = resolve_model(args, args.out.parent)
-    data = data_slice(args.out / "data", args.records)
+    data = data_slice(args.out / "data", args.records, data_files(args.data))
     info = machine(args.dtype)
     limit = info[f"gemm_peak_gflops_{args.dtype}"] * 1e9 / shape.flops_per_token()
 

@@ -4,7 +4,7 @@ reference model. Total wall time of each (every command in its own process, star
 included), same model, sequences, batch size and one epoch per run as
 benchmarks/train_step.py.
 
-    python benchmarks/sweep.py --out runs/bench/sweep
+    python benchmarks/sweep.py --data DATA --out runs/bench/sweep
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     checked,
     command_line,
+    data_files,
     data_slice,
     fmt,
     machine,
@@ -37,7 +38,7 @@ def main() -> None:
     args = ap.parse_args()
     betas = [float(b) for b in args.betas.split(",")]
     model, shape = resolve_model(args, args.out.parent)
-    data = data_slice(args.out / "data", args.records)
+    data = data_slice(args.out / "data", args.records, data_files(args.data))
 
     totals: dict[str, list[float]] = {"kto-cache": [], "trl-live": []}
     parts: list[dict] = []

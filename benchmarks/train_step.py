@@ -7,7 +7,7 @@ seen once by every trainer (row order differs: kto-train shuffles, TRL's KTO nee
 sequential order). Step time = training-loop seconds / steps (TRL: `trainer.train()`,
 without its reference precompute, reported apart). Each run is its own process.
 
-    python benchmarks/train_step.py --out runs/bench/train
+    python benchmarks/train_step.py --data DATA --out runs/bench/train
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from common import (  # noqa: E402
     add_model_args,
     checked,
     command_line,
+    data_files,
     data_slice,
     fmt,
     machine,
@@ -131,7 +132,7 @@ def add_args(ap: argparse.ArgumentParser) -> None:
 
 def setup(args) -> tuple[ModelShape, Path, Path]:
     model, shape = resolve_model(args, args.out.parent)
-    data = data_slice(args.out / "data", args.records)
+    data = data_slice(args.out / "data", args.records, data_files(args.data))
     cache = build_cache(model, data, args.out / "cache", args)
     return shape, model, cache
 

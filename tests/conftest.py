@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -7,10 +8,43 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import SHARED_DATA, save_tiny  # noqa: E402
+from tiny import save_tiny  # noqa: E402
 
-KTO_DEMO = SHARED_DATA / "kto_en_demo.json"
-DPO_DEMO = SHARED_DATA / "dpo_en_demo.json"
+# Real public data (LLaMA-Factory's demo files) for the tests marked `real_data`: the
+# folder named by KTO_TEST_DATA, else ../shared/data beside the checkout. Absent, those
+# tests are skipped; with KTO_REQUIRE_TEST_DATA=1 (CI, .ci/run) they fail instead.
+TEST_DATA = Path(os.environ.get("KTO_TEST_DATA")
+                 or Path(__file__).resolve().parents[2] / "shared" / "data")
+KTO_DEMO = TEST_DATA / "kto_en_demo.json"
+DPO_DEMO = TEST_DATA / "dpo_en_demo.json"
+REAL_FILES = (KTO_DEMO, DPO_DEMO)
+
+
+def missing_test_data() -> str | None:
+    """One line saying which real data files are missing and how to get them, or None."""
+    missing = [p.name for p in REAL_FILES if not p.is_file()]
+    if not missing:
+        return None
+    return (f"real test data not found: {', '.join(missing)} in {TEST_DATA}; get the files "
+            "from the data/ folder of https://github.com/hiyouga/LLaMA-Factory and set "
+            "KTO_TEST_DATA to that folder")
+
+
+def need_test_data() -> None:
+    """Skip the calling test (fail it under KTO_REQUIRE_TEST_DATA=1) without the files."""
+    reason = missing_test_data()
+    if reason is None:
+        return
+    if os.environ.get("KTO_REQUIRE_TEST_DATA") == "1":
+        pytest.fail(f"{reason} (KTO_REQUIRE_TEST_DATA=1)", pytrace=False)
+    pytest.skip(reason)
+
+
+def pytest_runtest_setup(item) -> None:
+    """Before any fixture: one skip location, so pytest -ra reports all of them in one line."""
+    if (item.get_closest_marker("real_data") is not None
+            or "hf_real_caches" in getattr(item, "fixturenames", ())):
+        need_test_data()
 
 
 @pytest.fixture(scope="session")
@@ -60,6 +94,7 @@ def read_cache(directory):
 
 @pytest.fixture(scope="session")
 def hf_real_caches(tiny_dir, tmp_path_factory):
+    need_test_data()
     root = tmp_path_factory.mktemp("hf-real")
     for name, path in (("kto", KTO_DEMO), ("dpo", DPO_DEMO)):
         build_cache(tiny_dir, [path], root / name, **REAL_OPTS)

@@ -53,9 +53,10 @@ def test_gpu_tables_count_the_qwen2_they_build(tmp_path):
     """The GPU tables' FLOPs per token: 2 x (parameters - embedding + the tied head)."""
     from gpu import build_qwen2, flops_per_token
     from gpu_tables import TINY
+    from tiny import corpus
     from transformers import AutoModelForCausalLM
 
-    model_dir = build_qwen2(tmp_path / "qwen2", TINY)
+    model_dir = build_qwen2(tmp_path / "qwen2", corpus(), TINY)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     total = sum(p.numel() for p in model.parameters())
     embed = model.get_input_embeddings().weight

@@ -1,6 +1,6 @@
 """Damaged or foreign cache data is rebuilt or refused, never blessed; no name read from a
 manifest leads outside the cache folder; manifests that are not what they claim give one
-clean line (issue 11, items 3, 4, 8, 12)."""
+clean line."""
 
 from __future__ import annotations
 

@@ -73,6 +73,7 @@ def test_implicit_prompt_messages(tmp_path):
     assert ex[1].completion == [{"role": "assistant", "content": "bad"}]
 
 
+@pytest.mark.real_data
 def test_messages_label_real_kto_demo():
     shape, ex = examples_of(KTO_DEMO)
     records = json.loads(KTO_DEMO.read_text())
@@ -82,6 +83,7 @@ def test_messages_label_real_kto_demo():
     assert ex[0].completion == records[0]["messages"][-1:]
 
 
+@pytest.mark.real_data
 def test_sharegpt_pairs_real_dpo_demo():
     shape, ex = examples_of(DPO_DEMO)
     record = json.loads(DPO_DEMO.read_text())[0]

@@ -42,6 +42,7 @@ def test_gzipped_real_demo_gives_the_identical_cache(hf_real_caches, tiny_dir, t
     assert gz_manifest["data"]["fingerprint"] != plain_manifest["data"]["fingerprint"]
 
 
+@pytest.mark.real_data
 def test_jsonl_gz_reads_the_same_records_as_the_plain_file(tmp_path):
     records = json.loads(DPO_DEMO.read_text())
     gz = jsonl_gz(tmp_path / "dpo.jsonl.gz", records)
@@ -93,6 +94,7 @@ def test_non_utf8_line_is_an_invalid_record_named_by_line(tmp_path):
                                "UTF-8 text, got line 2: byte 0xe9 at column 16")
 
 
+@pytest.mark.real_data
 def test_unsupported_compressed_type_names_both_suffixes(tmp_path):
     path = gzip_copy(KTO_DEMO, tmp_path / "data.csv.gz")
     with pytest.raises(InputError, match=r"unsupported file type: expected .*\.jsonl\.gz.*, "

@@ -136,8 +136,8 @@ def test_the_vocab_watch_sees_full_logits(model, pairs):
 # ---- the bf16 non-finite loss: fully masked attention rows ------------------------------
 class _NanGradOnFullyMasked(torch.autograd.Function):
     """Identity forward; the backward writes NaN into the gradient of query rows that
-    attend to nothing, as fused GPU attention kernels can (pytorch#103749, #109517):
-    the suspected cause of the bf16 non-finite loss on the H200 (issue 10)."""
+    attend to nothing, as fused GPU attention kernels can (pytorch#103749, #109517), which
+    turns a left-padded bf16 run's loss non-finite."""
 
     @staticmethod
     def forward(ctx, out, fully_masked):

@@ -1,6 +1,5 @@
 """A user's mistake in the input or the options gets one line naming the file, record,
-field and fix, early; degenerate records are counted or refused, never silently kept
-(issue 11, items 9, 10, 11, 13, 14)."""
+field and fix, early; degenerate records are counted or refused, never silently kept."""
 
 from __future__ import annotations
 

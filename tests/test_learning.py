@@ -1,5 +1,5 @@
 """It learns: an unambiguous synthetic behaviour on held-out prompts, and held-out
-margins on the real kto_en_demo data (tiny random model, measured in the README)."""
+margins on the real kto_en_demo data (tiny random model; docs/training.md shows a run)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ def test_polite_replies_gain_on_held_out_prompts(tiny_dir, tmp_path):
     assert all(v[True] - v[False] > 1.0 for v in by_prompt.values()), by_prompt
 
 
+@pytest.mark.real_data
 def test_real_data_held_out_margins_rise(tiny_dir, tmp_path):
     records = json.loads(KTO_DEMO.read_text())
     (tmp_path / "train.json").write_text(json.dumps(records[:250]))

@@ -144,6 +144,7 @@ def test_materialization_from_the_package_index_matches_gguf(tmp_path):
 
 
 @pytest.mark.real_model
+@pytest.mark.real_data
 def test_learning_on_real_data(real_dir, tmp_path):
     """Real data (kto_en_demo.json, cut to 192 tokens), the real model: after a few
     steps the held-out margins rise, and rescored by the hf scorer, held-out desirable

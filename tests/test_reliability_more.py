@@ -1,4 +1,4 @@
-"""The same classes of failure as issue 11, found elsewhere: damaged model files and
+"""Damaged inputs beyond the cache and the data: damaged model files and
 checkpoints, option values that failed deep inside a run, each a clean line."""
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import KTO_DEMO
 from cuda_tripwire_driver import fake_vllm
+from tiny import write_jsonl
 
 from precompute import scoring
 from precompute.scoring import hf
@@ -26,8 +26,12 @@ TESTS = Path(__file__).parent
 
 
 def tripwire_run(tiny_dir, tmp_path, mode: str) -> dict:
+    data = write_jsonl(tmp_path / "data.jsonl", [
+        {"prompt": [{"role": "user", "content": f"Where is my order {i}?"}],
+         "completion": [{"role": "assistant", "content": "It arrives tomorrow."}],
+         "label": i % 2 == 0} for i in range(8)])
     proc = subprocess.run([sys.executable, str(TESTS / "cuda_tripwire_driver.py"),
-                           str(tiny_dir), str(KTO_DEMO), str(tmp_path / "cache"), mode],
+                           str(tiny_dir), str(data), str(tmp_path / "cache"), mode],
                           capture_output=True, text=True, timeout=300, cwd=TESTS.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,5 +1,5 @@
 """kto-precompute on a scheduler's signal: exit 128 + the signal's number, no spill file,
-no half-written shard, and a rerun that finishes the same cache (issue 11, item 6)."""
+no half-written shard, and a rerun that finishes the same cache."""
 
 from __future__ import annotations
 

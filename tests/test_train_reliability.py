@@ -1,7 +1,6 @@
 """kto-train never mixes two runs in one folder, never resumes with other settings, never
 takes a step with a non-finite loss term or gradient, survives a cut metrics line, and
-stops on a scheduler's signal with a checkpoint and no temporary files (issue 11, items
-1, 2, 5, 6, 7)."""
+stops on a scheduler's signal with a checkpoint and no temporary files."""
 
 from __future__ import annotations
 

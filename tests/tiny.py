@@ -1,29 +1,21 @@
 """Tiny, deterministic, local model and tokenizer for tests (no network): the
-builders of train.demo, with the tokenizer trained on fixed text that includes
-the real demo files, so their tokenization is realistic."""
+builders of train.demo, with the tokenizer trained on the project's own fixed English
+text (tests/data/corpus.txt: assistant-style questions and answers, lists, code), so
+chat and English data tokenize realistically and identically on every machine."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from train import demo
 
-# the real demo data beside the checkout (KTO_SHARED_DATA where it lies elsewhere: the
-# tokenizer below is trained on it, so every machine must see the same files)
-SHARED_DATA = Path(os.environ.get("KTO_SHARED_DATA")
-                   or Path(__file__).resolve().parents[2] / "shared" / "data")
+CORPUS = Path(__file__).resolve().parent / "data" / "corpus.txt"
 
 
 def corpus() -> list[str]:
-    texts = ["The quick brown fox jumps over the lazy dog.", "Hello, world!",
-             "user assistant system", "0123456789"]
-    for name in ("kto_en_demo.json", "dpo_en_demo.json"):
-        path = SHARED_DATA / name
-        if path.is_file():
-            texts.append(path.read_text(encoding="utf-8"))
-    return texts
+    """The tests' tokenizer corpus: one fixed file of the repository, nothing else."""
+    return [CORPUS.read_text(encoding="utf-8")]
 
 
 def save_tiny(directory: Path, seed: int = 0, **shape) -> Path:

@@ -1,2 +1,2 @@
 """kto-train: policy-only KTO training from a reference cache (no reference model in
-memory). `python -m train.cli` is the command; `python -m train.plot OUTPUT` draws a run."""
+memory). `kto-train` (train.cli) is the command; `kto-plot OUTPUT` (train.plot) draws a run."""

@@ -157,8 +157,8 @@ main = click.Command(
             click.Option(["-v", "--verbose"], is_flag=True)],
     help="Train the policy with KTO from a kto-precompute cache; no reference model is "
          "loaded. Every option also takes TRL's spelling (--learning_rate, --output_dir, "
-         "--model_name_or_path, ...). Multi-GPU: accelerate launch -m train.cli ... (see "
-         "README).")
+         "--model_name_or_path, ...). Multi-GPU: accelerate launch \"$(which kto-train)\" ... "
+         "(see docs/training.md).")
 
-if __name__ == "__main__":  # accelerate launch -m train.cli
+if __name__ == "__main__":  # python -m train.cli
     main()

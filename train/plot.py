@@ -1,14 +1,13 @@
 """A picture of a run: loss, KL, rewards/margins and the chosen/rejected rewards against
 the step, train and held-out eval, from OUTPUT/metrics.jsonl, as a PNG.
 
-    python -m train.plot OUTPUT               # writes OUTPUT/metrics.png
-    python -m train.plot OUTPUT --png run.png
+    kto-plot OUTPUT               # writes OUTPUT/metrics.png (also: python -m train.plot)
+    kto-plot OUTPUT --png run.png
 
-A module of its own rather than a kto-train subcommand: kto-train is one command whose
-options come from TrainConfig (and `accelerate launch -m train.cli` runs it), and a group
-would change how every one of those command lines parses. It reads only metrics.jsonl, so it
-also works on a run still in progress or copied from another machine. Needs matplotlib:
-pip install 'kto-cache[plot]'."""
+A command of its own rather than a kto-train subcommand: kto-train is one command whose
+options come from TrainConfig, and a group would change how every one of those command
+lines parses. It reads only metrics.jsonl, so it also works on a run still in progress or
+copied from another machine. Needs matplotlib: pip install 'kto-cache[plot]'."""
 
 from __future__ import annotations
 
