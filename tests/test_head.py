@@ -60,10 +60,16 @@ def test_chunked_head_equals_plain_path_values_and_gradients(model, pairs, layou
     (got * weights).sum().backward()
     g_plain, g_chunked = grads(plain), grads(chunked)
     assert g_plain.keys() == g_chunked.keys() and len(g_plain) > 5
+    # padded: the same attention ops as the reference, so only the head's grouping
+    # differs (within 1e-6 of each gradient's scale). packed: the reference is the padded
+    # layout, whose attention sums in another order as well; measured 1.2e-6 of the scale
+    # with the tests' tokenizer (k_proj, layer 1), so 1e-5 there; attention leaking across
+    # packed sequences would change the log-probs themselves, held to rtol 1e-6 above
+    bound = 1e-6 if layout == "padded" else 1e-5
     for name in g_plain:
         scale = g_plain[name].abs().max()
         torch.testing.assert_close(g_chunked[name], g_plain[name], rtol=RTOL,
-                                   atol=1e-6 * float(scale), msg=name)
+                                   atol=bound * float(scale), msg=name)
     with torch.no_grad():
         naive = naive_logps(model, pairs)
     assert_close(got.detach().double().numpy(), naive, what=f"{layout} vs naive")
