@@ -16,6 +16,7 @@ from shared import CACHE_FORMAT_VERSION
 from shared.cache import MANIFEST, check_cache_files, verify_cache, write_json
 from shared.card import CARD, is_card, write_card
 from shared.errors import CacheError, StorageError
+from shared.files import open_new, refuse_link, refuse_links_in
 from shared.fingerprint import sha256_file
 from shared.manifest import REWRITE, check_manifest, load_json_object
 
@@ -61,18 +62,33 @@ def check_parts(parts: list[tuple[Path, dict[str, Any]]]) -> int:
     return n
 
 
+def check_part_shards(parts: list[tuple[Path, dict[str, Any]]]) -> None:
+    """Every shard the parts list is present and matches its SHA-256, so that a combine that
+    replaces a finished cache (--overwrite) cannot fail halfway for want of a shard."""
+    for src_dir, manifest in parts:
+        worker = manifest["worker"]["index"]
+        for entry in manifest["shards"]:
+            src = src_dir / entry["name"]
+            refuse_link(src, "a shard of a worker part")
+            if not src.is_file():
+                raise CacheError(f"shard {entry['name']} of worker {worker} is missing from "
+                                 f"{src_dir}; re-run that worker (--worker-index {worker})")
+            if sha256_file(src) != entry["sha256"]:
+                raise CacheError(f"shard {src} is damaged: its SHA-256 does not match its "
+                                 f"worker manifest; re-run worker {worker} (--worker-index "
+                                 f"{worker}) with the same options on its --output to rebuild it")
+
+
 def _bring_shard(src_dir: Path, out: Path, entry: dict[str, Any], worker: int) -> None:
     src, dst = src_dir / entry["name"], out / entry["name"]
     if src.resolve() == dst.resolve():
         return  # checked by verify_cache at the end
     if dst.is_file() and sha256_file(dst) == entry["sha256"]:
         return
-    if not src.is_file():
-        raise CacheError(f"shard {entry['name']} of worker {worker} is missing from {src_dir}; "
-                         f"re-run that worker (--worker-index {worker})")
     tmp = out / f".{entry['name']}.tmp-{os.getpid()}"
     try:
-        shutil.copyfile(src, tmp)
+        with open(src, "rb") as source, open_new(tmp) as target:  # never through a link
+            shutil.copyfileobj(source, target, 1 << 20)
         if sha256_file(tmp) != entry["sha256"]:
             raise CacheError(f"shard {src} is damaged: its SHA-256 does not match its worker "
                              f"manifest; re-run worker {worker} (--worker-index {worker}) "
@@ -86,6 +102,7 @@ def _bring_shard(src_dir: Path, out: Path, entry: dict[str, Any], worker: int) -
 
 def combine(out: Path, part_dirs: list[Path], overwrite: bool = False) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
+    refuse_links_in(out, "the cache")
     single = not list(out.glob("manifest.worker-*.json")) and (out / MANIFEST).is_file()
     if not part_dirs and single:  # a single-worker run is already one cache
         manifest = verify_cache(out)
@@ -93,7 +110,8 @@ def combine(out: Path, part_dirs: list[Path], overwrite: bool = False) -> dict[s
         return manifest
     parts = find_parts(part_dirs or [out])
     check_parts(parts)
-    claim_output(out, parts, overwrite)  # before anything in OUTPUT changes
+    check_part_shards(parts)  # all present and intact before anything in OUTPUT changes
+    claim_output(out, parts, overwrite)
     shards = []
     for src_dir, manifest in parts:
         for entry in manifest["shards"]:

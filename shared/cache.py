@@ -136,20 +136,35 @@ def check_cache_files(root: Path, manifest: dict[str, Any], checksums: bool = Tr
         raise CacheError(f"{root}: the manifest's cache_key {manifest['cache_key'][:12]!r} is "
                          f"not the hash of its identity fields ({key[:12]!r}): the manifest "
                          f"was edited or damaged; {REBUILD}")
-    desirable = 0
-    for entry in shards:
-        desirable += _verify_shard(root, entry, manifest["cache_key"], checksums)
-    _check_totals(root, manifest, desirable if checksums else None)
+    if manifest["backend"]["name"] != manifest["preprocessing"].get("backend"):
+        raise CacheError(f"{root}: backend.name {manifest['backend']['name']!r} is not the "
+                         f"backend the cache key records "
+                         f"({manifest['preprocessing'].get('backend')!r}); {REBUILD}")
+    found = [_verify_shard(root, entry, manifest["cache_key"], checksums) for entry in shards]
+    _check_totals(root, manifest, _sum_found(found) if checksums else None)
 
 
-def _check_totals(root: Path, manifest: dict[str, Any], desirable: int | None) -> None:
+def _sum_found(found: list[dict[str, Any]]) -> dict[str, int]:
+    """Desirable rows and the records the rows came from, over all shards."""
+    sources = np.unique(np.concatenate([f["sources"] for f in found])) if found else []
+    return {"desirable": sum(f["desirable"] for f in found), "records_with_rows": len(sources)}
+
+
+def _check_totals(root: Path, manifest: dict[str, Any], read: dict[str, int] | None) -> None:
+    """The manifest's counts against the shard entries and (``read``) the shards' rows:
+    every record became rows or was counted invalid, and the files' records add up."""
     counts, shards = manifest["counts"], manifest["shards"]
     found = {"rows": sum(s["rows"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
-             "invalid": sum(counts["invalid_by_reason"].values())}
-    expected = {"rows": counts["rows"], "tokens": manifest["tokens"], "invalid": counts["invalid"]}
-    if desirable is not None:
-        found.update(desirable=desirable, undesirable=found["rows"] - desirable)
-        expected.update(desirable=counts["desirable"], undesirable=counts["undesirable"])
+             "invalid": sum(counts["invalid_by_reason"].values()),
+             "records (data.files)": sum(f["records"] for f in manifest["data"]["files"])}
+    expected = {"rows": counts["rows"], "tokens": manifest["tokens"], "invalid": counts["invalid"],
+                "records (data.files)": counts["records"]}
+    if read is not None:
+        found.update(desirable=read["desirable"],
+                     undesirable=found["rows"] - read["desirable"],
+                     records=read["records_with_rows"] + counts["invalid"])
+        expected.update(desirable=counts["desirable"], undesirable=counts["undesirable"],
+                        records=counts["records"])
     wrong = [f"{k}: shards hold {found[k]}, manifest says {expected[k]}"
              for k in found if found[k] != expected[k]]
     if wrong:
@@ -157,8 +172,10 @@ def _check_totals(root: Path, manifest: dict[str, Any], desirable: int | None) -
                          f"({'; '.join(wrong)}); {REBUILD}")
 
 
-def _verify_shard(root: Path, entry: dict[str, Any], cache_key: str, checksums: bool) -> int:
-    """Checks one shard; returns its number of desirable rows (0 without ``checksums``)."""
+def _verify_shard(root: Path, entry: dict[str, Any], cache_key: str,
+                  checksums: bool) -> dict[str, Any]:
+    """Checks one shard; with ``checksums`` returns its number of desirable rows and the
+    source records of its rows (its token count is recomputed too)."""
     name, path = entry["name"], root / entry["name"]
     if not path.is_file():
         raise CacheError(f"shard {name} is missing from {root}; {REBUILD}")
@@ -182,13 +199,20 @@ def _verify_shard(root: Path, entry: dict[str, Any], cache_key: str, checksums: 
         raise CacheError(f"shard {name} belongs to another cache (its cache key {key[:12]!r}, "
                          f"the manifest's {cache_key[:12]!r}); {REBUILD}")
     if not checksums:
-        return 0
-    table = pq.read_table(path, columns=["label", *REFERENCE_COLUMNS])
+        return {}
+    table = pq.read_table(path, columns=["label", "source_index", "prompt_ids",
+                                         "completion_ids", "kl_completion_ids",
+                                         *REFERENCE_COLUMNS])
     bad = non_finite_rows(table)
     if bad:
         raise CacheError(f"shard {name} holds non-finite reference log-probs ({bad} rows): "
                          f"damaged or edited; {REBUILD}")
-    return int(pc.sum(table["label"]).as_py() or 0)
+    tokens = table_tokens(table)
+    if tokens != entry["tokens"]:
+        raise CacheError(f"shard {name} holds {tokens} tokens, manifest says {entry['tokens']}; "
+                         f"{REBUILD}")
+    return {"desirable": int(pc.sum(table["label"]).as_py() or 0),
+            "sources": table["source_index"].to_numpy()}
 
 
 def shard_infos(entries: list[ShardInfo]) -> list[dict[str, Any]]:

@@ -57,11 +57,16 @@ def open_new(path: Path) -> BinaryIO:
 def open_no_follow(path: Path, flags: int) -> int:
     """os.open for a file of ours that may already exist (a lock file): a link is an error."""
     try:
-        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as err:
         if path.is_symlink():
             raise LinkError(path, "a file of this run") from None
         raise StorageError(path, err) from None
+    if os.fstat(fd).st_nlink > 1:  # a hard link: writing would change the other name too
+        os.close(fd)
+        raise ConfigError(f"{path} has other hard links: another file shares its contents, "
+                          "and kto-cache would write into it; remove it and rerun")
+    return fd
 
 
 def atomic_write(final: Path, write: Callable[[BinaryIO], object]) -> None:

@@ -60,15 +60,18 @@ def shard_index(name: str, total: int) -> int | None:
     return index if shard_name(index, total) == name else None
 
 
-def load_json_object(path: Path, what: str = "manifest") -> dict[str, Any]:
-    """A JSON object from ``path``, or a CacheError naming the file and the fix."""
+def load_json_object(path: Path, what: str = "manifest", fix: str = REWRITE) -> dict[str, Any]:
+    """A JSON object from ``path``, or a CacheError naming the file and ``fix``."""
     try:
         value = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CacheError(f"{path} is not a valid {what} (not JSON: {err}); {REWRITE}") from None
+        raise CacheError(f"{path} is not a valid {what} (not JSON: {err}); {fix}") from None
+    except RecursionError:
+        raise CacheError(f"{path} is not a valid {what} (JSON nested too deeply); {fix}"
+                         ) from None
     if not isinstance(value, dict):
         raise CacheError(f"{path} is not a valid {what}: expected a JSON object, got "
-                         f"{type(value).__name__}; {REWRITE}")
+                         f"{type(value).__name__}; {fix}")
     return value
 
 

@@ -4,6 +4,7 @@ its folder; `verify` recomputes what a manifest could only claim."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -127,3 +128,61 @@ def test_non_finite_float_options_are_refused(tiny_dir, caches, tmp_path, option
                                        "--output", str(out), option, "nan"])
     assert_clean_error(result, option, "finite")
     assert not out.exists()
+
+
+def test_a_failed_combine_overwrite_keeps_the_finished_cache(caches, tmp_path):
+    """--overwrite removed the finished cache, then found a part's shard missing."""
+    out = shutil.copytree(caches["finished"], tmp_path / "out")
+    for i in range(2):
+        name = f"manifest.worker-{i:05d}-of-00002.json"
+        shutil.copy(caches["root"] / "parts" / f"w{i}" / name, out / name)  # shards elsewhere
+    before = everything(out)
+    result = CliRunner().invoke(main, ["combine", str(out), "--overwrite"])
+    assert_clean_error(result, "is missing from")
+    assert everything(out) == before
+
+
+@pytest.mark.parametrize("name", ["shard-00000-of-00003.parquet",
+                                  ".shard-00000-of-00003.parquet.tmp-1"])
+def test_combine_refuses_a_link_planted_in_its_output(caches, tmp_path, name):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).symlink_to(victim)
+    result = CliRunner().invoke(main, ["combine", str(out), *parts_of(caches["root"] / "same")])
+    assert_clean_error(result, "symbolic link", name)
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_hard_link_at_the_worker_lock_is_refused(tiny_dir, caches, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    os.link(victim, out / ".kto-precompute-worker-00000.lock")
+    result = CliRunner().invoke(main, ["--model", str(tiny_dir), "--data", str(caches["data"]),
+                                       "--output", str(out), "--backend", "hf"])
+    assert_clean_error(result, "hard links")
+    assert victim.read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda m: m["counts"].update(records=99), "records: shards hold 20, manifest says 99"),
+    (lambda m: m["data"]["files"][0].update(records=99),
+     "records (data.files): shards hold 99, manifest says 20"),
+    (lambda m: (m["shards"][0].update(tokens=m["shards"][0]["tokens"] + 10),
+                m["shards"][1].update(tokens=m["shards"][1]["tokens"] - 10)),
+     "tokens, manifest says"),
+    (lambda m: m["backend"].update(name="vllm"), "backend.name 'vllm'"),
+])
+def test_verify_recomputes_counts_and_tokens(caches, tmp_path, edit, fragment):
+    cache = shutil.copytree(caches["finished"], tmp_path / "cache")
+    edit_json(cache / "manifest.json", edit)
+    assert_clean_error(CliRunner().invoke(main, ["verify", str(cache)]), fragment)
+
+
+def test_a_deeply_nested_manifest_is_one_line(caches, tmp_path):
+    cache = shutil.copytree(caches["finished"], tmp_path / "cache")
+    (cache / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert_clean_error(CliRunner().invoke(main, ["verify", str(cache)]), "nested too deeply")

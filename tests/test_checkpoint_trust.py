@@ -92,7 +92,7 @@ def test_a_crafted_torch_file_is_refused_without_running_it(setup, tmp_path, nam
     result = train(setup, out, *RUN, "--resume-from-checkpoint", "latest")
     assert not marker.exists()
     if name == "optimizer.bin":  # accelerate skips an unreadable RNG file by design
-        assert_clean_error(result, "cannot load the checkpoint", "checkpoint-6")
+        assert_clean_error(result, "never unpickles", "checkpoint-6")
 
 
 def test_weights_only_loads_override_a_caller_asking_for_full_unpickling(tmp_path):
@@ -234,3 +234,88 @@ def test_an_eval_cache_of_another_reference_is_refused(setup, tiny_dir, tmp_path
     other = build_polite_cache(other_reference, tmp_path, range(30, 38), "eval-other")
     result = train(setup, tmp_path / "out", "--max-steps", "1", "--eval-cache", str(other))
     assert_clean_error(result, "--eval-cache was built differently", "reference model weights")
+
+
+def damage(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def edit_state(checkpoint: Path, edit) -> None:
+    state = json.loads((checkpoint / STATE).read_text())
+    edit(state)
+    (checkpoint / STATE).write_text(json.dumps(state))
+
+
+def test_a_refused_resume_changes_nothing_in_the_folder(setup, tmp_path):
+    """The later checkpoints (good) were removed, and train_config.json rewritten, before
+    the named earlier checkpoint was found damaged."""
+    out = copy_run(setup, tmp_path)
+    damage(out / "checkpoint-2" / "model.safetensors")
+    before = everything(out)
+    result = train(setup, out, *RUN, "--resume-from-checkpoint", str(out / "checkpoint-2"))
+    assert_clean_error(result, "does not match its recorded checksums")
+    assert everything(out) == before
+
+
+def test_overwrite_with_a_damaged_foreign_checkpoint_changes_nothing(setup, tmp_path):
+    other = copy_run(setup, tmp_path, "other")
+    damage(other / "checkpoint-2" / "model.safetensors")
+    out = copy_run(setup, tmp_path)
+    before = everything(out)
+    result = train(setup, out, *RUN, "--overwrite-output-dir", "--resume-from-checkpoint",
+                   str(other / "checkpoint-2"))
+    assert_clean_error(result, "does not match its recorded checksums")
+    assert everything(out) == before
+
+
+@pytest.mark.parametrize("name", [".checkpoint-6.partial", "ck6"])
+def test_a_folder_of_the_output_not_named_checkpoint_n_is_refused(setup, tmp_path, name):
+    out = copy_run(setup, tmp_path)
+    (out / "checkpoint-6").rename(out / name)
+    before = everything(out)
+    result = train(setup, out, *RUN, "--resume-from-checkpoint", str(out / name))
+    assert_clean_error(result, "not a checkpoint-N folder")
+    assert everything(out) == before
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda s: s["scheduler"].update(last_epoch=10**30), "scheduler state"),
+    (lambda s: s["scheduler"].update(base_lrs=[1000.0, 1000.0]), "scheduler state"),
+    (lambda s: s["scheduler"].update(optimizer="x"), "other fields"),
+    (lambda s: s.update(global_step=10**30), "is 1000000000000000000000000000000, but"),
+    (lambda s: s.update(files=[]), "field 'files'"),
+])
+def test_an_edited_trainer_state_is_refused(setup, tmp_path, edit, fragment):
+    """trainer_state.json holds the checksums, so its own values are checked against what
+    this run's state after that step must be."""
+    out = copy_run(setup, tmp_path)
+    edit_state(out / "checkpoint-6", edit)
+    result = train(setup, out, *RUN, "--resume-from-checkpoint", "latest")
+    assert_clean_error(result, fragment)
+
+
+def test_a_step_past_the_runs_end_is_refused(setup, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(setup["root"] / "run" / "checkpoint-6", out / "checkpoint-99")
+    edit_state(out / "checkpoint-99", lambda s: s.update(global_step=99))
+    result = train(setup, out, *RUN, "--resume-from-checkpoint", "latest")
+    assert_clean_error(result, "past this run's last step (6)")
+
+
+def test_a_deeply_nested_trainer_state_is_one_line(setup, tmp_path):
+    out = copy_run(setup, tmp_path)
+    (out / "checkpoint-6" / STATE).write_text("[" * 100_000 + "]" * 100_000)
+    result = train(setup, out, *RUN, "--resume-from-checkpoint", "latest")
+    assert_clean_error(result, "nested too deeply", "earlier checkpoint")
+
+
+def test_a_hard_link_at_the_lock_name_is_refused(setup, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    os.link(victim, out / ".kto-train.lock")
+    assert_clean_error(train(setup, out, "--max-steps", "1"), "hard links")
+    assert victim.read_text() == "precious\n"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -67,22 +68,47 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
         raise ConfigError(f"--resume-from-checkpoint {path}: not a complete checkpoint "
                           f"(no {STATE})")
     try:
-        state = load_json_object(path / STATE, STATE)
+        state = load_json_object(path / STATE, STATE, fix=f"{EARLIER}")
     except KtoError as err:
-        raise ConfigError(f"{err}; resume from another checkpoint") from None
+        raise ConfigError(str(err)) from None
     step = state.get("global_step")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ConfigError(f"{path / STATE}: field 'global_step' is {step!r}: expected a "
-                          "step number; resume from another checkpoint")
-    if state.get("format") != FORMAT or not isinstance(state.get("files"), dict):
+                          f"step number; {EARLIER}")
+    named = checkpoint_step(path)
+    if named is not None and named != step:
+        raise ConfigError(f"{path / STATE}: field 'global_step' is {step}, but the folder is "
+                          f"the checkpoint of step {named}: edited or misplaced; {EARLIER}")
+    if state.get("format") != FORMAT:
         raise ConfigError(f"--resume-from-checkpoint {path}: {STATE} has no file checksums "
                           f"(format {state.get('format')!r}, this version writes {FORMAT}): "
                           "it was written by an older kto-train or by another tool, and cannot "
                           "be checked (nor can the other checkpoints of that run); start over "
                           "with --overwrite-output-dir, or in another --output")
+    files = state.get("files")
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise ConfigError(f"{path / STATE}: field 'files' is not an object of file names and "
+                          f"SHA-256 digests; {EARLIER}")
     if not isinstance(state.get("scheduler"), dict):
         raise ConfigError(f"{path / STATE}: field 'scheduler' is missing; {EARLIER}")
     return state
+
+
+def check_scheduler_state(saved: dict[str, Any], fresh: dict[str, Any], step: int,
+                          path: Path) -> None:
+    """The saved scheduler state must be the state this run's scheduler has after ``step``
+    steps in its shape: the same fields, the same base learning rates (they follow from
+    --learning-rate, which the run settings fix) and ``step`` steps taken. Its values are
+    not covered by the file checksums (they live in trainer_state.json itself)."""
+    wrong = sorted(set(saved) ^ set(fresh))
+    if wrong:
+        raise ConfigError(f"{path / STATE}: the scheduler state has other fields ({wrong}); "
+                          f"{EARLIER}")
+    if saved.get("base_lrs") != fresh.get("base_lrs") or saved.get("last_epoch") != step:
+        raise ConfigError(f"{path / STATE}: the scheduler state (base learning rates "
+                          f"{saved.get('base_lrs')}, {saved.get('last_epoch')} steps) is not "
+                          f"this run's after step {step} (base learning rates "
+                          f"{fresh.get('base_lrs')}): edited; {EARLIER}")
 
 
 def folder_checksums(folder: Path) -> dict[str, str]:
@@ -153,11 +179,12 @@ class Checkpointer:
                  scheduler: Any):
         self.acc, self.out, self.total_limit, self.run = accelerator, out, total_limit, run
         self.scheduler = scheduler
+        self.resumed: Path | None = None  # the checkpoint this run was loaded from
 
     def save(self, step: int, epoch: float) -> Path:
         final = self.out / f"checkpoint-{step}"
-        if (final / STATE).is_file() and not final.is_symlink():
-            return final  # this run saved this step already (the one it resumed from)
+        if self.resumed is not None and final.absolute() == self.resumed.absolute():
+            return final  # the checkpoint this run resumed from: already this step's state
         partial = self.out / f".checkpoint-{step}.partial"
         try:
             with writing(final):
@@ -189,10 +216,16 @@ class Checkpointer:
             for old in list_checkpoints(self.out)[:-self.total_limit]:
                 remove_entry(old)
 
-    def load(self, path: Path) -> int:
+    def load(self, path: Path, total_steps: int) -> int:
         """Load a checkpoint chosen by run_folder.plan_run, once its files match their
-        recorded checksums (checked by the main process); returns its step."""
+        recorded checksums (checked by the main process) and its state is this run's at
+        its step; returns the step."""
         state = read_trainer_state(path)
+        step = state["global_step"]
+        if step > total_steps:
+            raise ConfigError(f"{path / STATE}: step {step} is past this run's last step "
+                              f"({total_steps}): edited; {EARLIER}")
+        check_scheduler_state(state["scheduler"], self.scheduler.state_dict(), step, path)
         problems: list[str] = []
         if self.acc.is_main_process:
             try:
@@ -208,12 +241,17 @@ class Checkpointer:
             with weights_only_loads():
                 self.acc.load_state(str(path))
             self.scheduler.load_state_dict(state["scheduler"])
-        except Exception as err:  # torch, safetensors and the weights-only unpickler
+        except pickle.UnpicklingError:
+            raise ConfigError(f"--resume-from-checkpoint {path} holds Python objects other "
+                              "than tensors and plain values, which kto-train never unpickles "
+                              f"(loading them could run code); {EARLIER}") from None
+        except Exception as err:  # torch, safetensors, accelerate
             raise ConfigError(f"cannot load the checkpoint {path} ({type(err).__name__}: "
-                              f"{str(err)[:200]}): it is damaged or from another setup; "
-                              f"{EARLIER}") from None
-        log.info("resumed from %s at step %d", path, state["global_step"])
-        return state["global_step"]
+                              f"{str(err).splitlines()[0][:200]}): it is damaged or from "
+                              f"another setup; {EARLIER}") from None
+        self.resumed = path
+        log.info("resumed from %s at step %d", path, step)
+        return step
 
 
 def remove_entry(path: Path) -> None:

@@ -95,6 +95,11 @@ def plan_run(out: Path, config: TrainConfig, identity: dict[str, Any]) -> Plan:
         found = list_checkpoints(out) if spec == "latest" else [Path(spec)]
         if found:
             path = found[-1]
+            if _inside(path, out) and checkpoint_step(path) is None:
+                raise ConfigError(f"--resume-from-checkpoint {path}: a folder of --output "
+                                  "that is not a checkpoint-N folder of this run (a temporary "
+                                  "or renamed one); name one of its checkpoint-N folders, or "
+                                  "copy it elsewhere first")
             if not _inside(path, out) and earlier:
                 _check_foreign_resume(out, config, path, earlier)
             _compatible_checkpoint(path, identity)

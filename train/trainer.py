@@ -190,11 +190,14 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.checkpoints = Checkpointer(self.accelerator, self.out, c.save_total_limit, identity,
                                         self.scheduler)
+        # loaded (and so checked) before anything in --output changes: a refused checkpoint
+        # leaves the folder as it was
+        self.step = (self.checkpoints.load(plan.resume_from, self.total_steps)
+                     if plan.resume_from else 0)
         start_run(self.accelerator, self.out, c, plan)
         if self.run_log and self.accelerator.is_main_process:
             self.run_log.open(self.out / LOG_FILE)
         start_trackers(self.accelerator, c, self.out)  # only now may --output change
-        self.step = self.checkpoints.load(plan.resume_from) if plan.resume_from else 0
         # only the main process touches metrics.jsonl (another would truncate it)
         self.metrics = (MetricsFile(self.out / "metrics.jsonl",
                                     self.step if plan.resume_from else None)
