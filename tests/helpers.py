@@ -52,7 +52,21 @@ def assert_trajectories_close(a: list[dict], b: list[dict], keys) -> None:
                 x["step"], key)
 
 
+# AdamW makes each entry's step about the learning rate whatever its gradient's size, so
+# float32 noise in an entry whose gradient is near zero moves it by a fraction of a step
+# (measured: one entry of 100k by 2.6e-5 after 4 steps at lr 1e-3, cached vs live
+# reference; every other entry within 1.1e-6). A wrong reference, a lost micro-batch or a
+# skipped step moves the trajectories (held to 1e-5) and most weights by whole steps.
+WEIGHT_ATOL_ANY = 1e-4  # every entry: a tenth of one step at the tests' lr 1e-3
+WEIGHT_OUTLIERS = 1e-3  # at most this fraction of entries beyond TRAIN_ATOL
+
+
 def assert_weights_close(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
-    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert worst <= TRAIN_ATOL, f"weights differ by up to {worst:.3g}"
+    diffs = [(a[k] - b[k]).abs().flatten().double() for k in a]
+    worst = max(float(d.max()) for d in diffs)
+    beyond = sum(int((d > TRAIN_ATOL).sum()) for d in diffs)
+    total = sum(d.numel() for d in diffs)
+    assert worst <= WEIGHT_ATOL_ANY, f"weights differ by up to {worst:.3g}"
+    assert beyond <= WEIGHT_OUTLIERS * total, (
+        f"{beyond} of {total} weights differ by more than {TRAIN_ATOL} (worst {worst:.3g})")
