@@ -96,7 +96,7 @@ class JsonClient:
                 if now + delay - first_failure > self.policy.retry_seconds:
                     raise ServerError(
                         f"server {self.base_url}: {method} {path} failed {attempt + 1} time(s) "
-                        f"over {now - first_failure:.0f} s (--server-timeout "
+                        f"over {now - first_failure:.1f} s (--server-timeout "
                         f"{self.policy.retry_seconds:g}); last: {err.what}. Check that the "
                         "server is up and reachable, then rerun: finished shards are kept"
                     ) from None
@@ -130,7 +130,8 @@ class JsonClient:
             return _Retryable(f"HTTP {err.code} {detail}".strip())
         if err.code in (401, 403):
             return HTTPStatusError(url, err.code, f"server {self.base_url} refused the request "
-                                   f"(HTTP {err.code}: {detail or 'unauthorized'}); {KEY_HINT}", detail)
+                                   f"(HTTP {err.code}: {detail or 'unauthorized'}); {KEY_HINT}",
+                                   detail)
         return HTTPStatusError(url, err.code, f"server {self.base_url}: {url} answered HTTP "
                                f"{err.code}: {detail or err.reason}", detail)
 

@@ -1,0 +1,243 @@
+"""--backend server. Fault cases against a stand-in server (fake_vllm_server: known
+log-probs, scripted faults); equivalence and a kill/restart against a REAL vLLM server
+(the tests marked vllm at the end)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from click.testing import CliRunner
+from conftest import build_cache, read_cache
+from fake_vllm_server import FakeServer, expected_sum, model_a, model_b
+from tiny import write_jsonl
+
+from precompute.config import PrecomputeConfig
+from precompute.scoring.http_json import RetryPolicy, backoff_delay
+from precompute.scoring.server import ServerScorer, api_key_from_env, normalize_url
+from shared.errors import CacheError, ConfigError, RowScoreError, ServerError
+
+FAST = {"server_timeout": 3.0}
+
+
+@pytest.fixture
+def fake(tokenizer):
+    servers = []
+
+    def start(**kw):
+        servers.append(FakeServer(tokenizer, **kw))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("server-data") / "data.jsonl"
+    return write_jsonl(path, [{"prompt": f"Question {i % 7}: what is {i}?",
+                               "completion": f"Answer {i} " * (1 + i % 4), "label": i % 3 != 0}
+                              for i in range(30)])
+
+
+def server_cache(tiny_dir, data, out, url, **kw):
+    return build_cache(tiny_dir, [data], out, backend="server", server_url=url, shard_size=8,
+                       **{**FAST, **kw})
+
+
+def random_pairs(n, seed=0):
+    rng = random.Random(seed)
+    return [([rng.randrange(1, 500) for _ in range(rng.randrange(1, 9))],
+             [rng.randrange(1, 500) for _ in range(rng.randrange(1, 12))]) for _ in range(n)]
+
+
+@pytest.mark.parametrize("per_request,in_flight", [(1, 1), (3, 2), (64, 4)])
+def test_sums_take_each_position_by_token_id(fake, tokenizer, per_request, in_flight):
+    server = fake()
+    scorer = ServerScorer(server.url, tokenizer, prompts_per_request=per_request,
+                          max_concurrent_requests=in_flight)
+    pairs = random_pairs(37)
+    try:
+        got = scorer.score(pairs)
+    finally:
+        scorer.close()
+    want = [expected_sum(model_a, p, c) for p, c in pairs]
+    assert got.tolist() == want  # exact: sixteenths add up exactly in float64
+    assert server.scoring_requests() == 1 + -(-37 // per_request)  # the probe's, then ours
+    assert scorer.served.path == "prompt_logprobs" and scorer.served.tokenizer_check == "tokenize"
+
+
+def test_selected_token_path_taken_where_offered(fake, tokenizer):
+    server = fake(selected=True)
+    scorer = ServerScorer(server.url, tokenizer)
+    pairs = random_pairs(9, seed=1)
+    try:
+        got = scorer.score(pairs)
+    finally:
+        scorer.close()
+    assert scorer.served.path == "selected-token"
+    assert got.tolist() == [expected_sum(model_a, p, c) for p, c in pairs]
+    assert sum(1 for path, _ in server.requests if path == "/inference/v1/generate") == 10
+
+
+def test_cache_values_manifest_and_no_secrets(fake, tiny_dir, data, tmp_path, monkeypatch):
+    monkeypatch.setenv("KTO_SERVER_API_KEY", "sekrit-123")
+    server = fake(api_key="sekrit-123")
+    summary = server_cache(tiny_dir, data, tmp_path / "c", server.url + "/v1")
+    manifest, table = read_cache(tmp_path / "c")
+    assert summary["backend"] == "server" and summary["rows"] == 30
+    for col, ids in (("ref_logps", "completion_ids"), ("ref_kl_logps", "kl_completion_ids")):
+        want = [expected_sum(model_a, p, c) for p, c in zip(table["prompt_ids"].to_pylist(),
+                                                            table[ids].to_pylist(), strict=True)]
+        assert table[col].to_pylist() == want
+    record = manifest["backend"]["server"]
+    assert record["model"] == "tiny" and record["version"] == "fake-1"
+    assert record["probe"]["logprobs"] == [model_a(p + 1, t) for p, t in
+                                           enumerate(record["probe"]["token_ids"][1:])]
+    assert manifest["reference_model"]["server"]["model"] == "tiny"
+    text = "".join(p.read_text(errors="replace") for p in (tmp_path / "c").iterdir()
+                   if p.suffix in (".json", ".md"))
+    assert "sekrit" not in text and "127.0.0.1" not in text
+
+
+def test_url_is_not_in_the_key_the_served_model_is(fake, tiny_dir, data, tmp_path):
+    one, two, other = fake(), fake(), fake(fn=model_b)
+    server_cache(tiny_dir, data, tmp_path / "a", one.url)
+    server_cache(tiny_dir, data, tmp_path / "b", two.url)  # a replica at another address
+    ma, _ = read_cache(tmp_path / "a")
+    mb, _ = read_cache(tmp_path / "b")
+    assert ma["cache_key"] == mb["cache_key"]
+    assert (tmp_path / "a" / "shard-00000-of-00004.parquet").read_bytes() == \
+        (tmp_path / "b" / "shard-00000-of-00004.parquet").read_bytes()
+    with pytest.raises(CacheError, match="other settings"):  # the served model changed
+        server_cache(tiny_dir, data, tmp_path / "a", other.url)
+    assert other.scoring_requests() == 1  # the probe's only
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"token_shift": 1}, "tokenizes the probe text"),
+    ({"name": "other-model"}, "does not serve --server-model 'tiny'"),
+    ({"models": ["a", "b"]}, r"serves 2 models \['a', 'b'\]; choose one"),
+])
+def test_another_model_or_tokenizer_refused_before_any_shard(fake, tiny_dir, data, tmp_path,
+                                                             kw, match):
+    server = fake(**kw)
+    wanted = {"server_model": "tiny"} if "name" in kw else {}
+    with pytest.raises(ConfigError, match=match):
+        server_cache(tiny_dir, data, tmp_path / "c", server.url, **wanted)
+    assert server.scoring_requests() == 0 and not list((tmp_path / "c").glob("shard-*"))
+
+
+def test_without_tokenize_route_the_completion_prompt_checks_the_tokenizer(fake, tokenizer):
+    good = ServerScorer(fake(tokenize_route=False).url, tokenizer)
+    assert good.served.tokenizer_check == "completion prompt"
+    good.close()
+    with pytest.raises(ConfigError, match="tokenizes the probe text"):
+        ServerScorer(fake(tokenize_route=False, token_shift=3).url, tokenizer)
+
+
+def test_429_and_5xx_are_retried_then_succeed(fake, tiny_dir, data, tmp_path):
+    server = fake()
+    server.faults = [503, 429, 500, 502]
+    server_cache(tiny_dir, data, tmp_path / "c", server.url, max_concurrent_requests=1,
+                 server_timeout=60.0)
+    _, table = read_cache(tmp_path / "c")
+    assert table.num_rows == 30 and not server.faults
+
+
+def test_persistent_503_is_one_error_naming_server_and_status(fake, tiny_dir, data, tmp_path):
+    server = fake()
+    server.faults = [503] * 10_000
+    with pytest.raises(ServerError, match=rf"server {server.url}: POST /v1/completions failed "
+                                          r".* last: HTTP 503 fault 503"):
+        server_cache(tiny_dir, data, tmp_path / "c", server.url, server_timeout=1.0)
+    assert not list((tmp_path / "c").glob("shard-*"))
+
+
+def test_refused_connection_is_retried_for_a_bounded_time(tokenizer):
+    with pytest.raises(ServerError, match=r"server http://127.0.0.1:9: GET /v1/models failed "
+                                          r".*Connection refused"):
+        ServerScorer("http://127.0.0.1:9", tokenizer, policy=RetryPolicy(retry_seconds=0.5))
+
+
+@pytest.mark.parametrize("fault,reason", [
+    ("short", "prompt_logprobs hold .* positions, the sequence has"),
+    ("missing_position", "no log-probs at position"),
+    ("wrong_token", "do not hold the sequence's token"),
+    ("nan", "log-prob at position .* is nan"),
+    ("neg_inf", "is -9999.0"),
+    ("drop_choice", "answered .* choices for a request of"),
+])
+def test_bad_answer_names_the_row_and_writes_no_shard(fake, tiny_dir, data, tmp_path, fault,
+                                                      reason):
+    server = fake()
+    # the probe's request, then shard 0's (16 sequences, 4 requests): the second damaged
+    server.faults = [None, None, fault]
+    with pytest.raises(RowScoreError, match=rf"row '.*' \(target sequence\) of shard 0: "
+                                            rf".*{reason}.*no shard was written") as err:
+        server_cache(tiny_dir, data, tmp_path / "c", server.url, max_concurrent_requests=1,
+                     prompts_per_request=4)
+    assert err.value.index == 4
+    assert not list((tmp_path / "c").glob("shard-*"))
+
+
+def test_answer_that_is_not_json_is_an_error(fake, tokenizer):
+    server = fake()
+    scorer = ServerScorer(server.url, tokenizer)
+    server.faults = ["not_json"]
+    with pytest.raises(ServerError, match="not JSON"):
+        scorer.score(random_pairs(2))
+    scorer.close()
+
+
+def test_wrong_api_key_is_one_line_error(fake, tiny_dir, data, tmp_path):
+    from precompute.cli import main
+
+    server = fake(api_key="right")
+    result = CliRunner().invoke(main, [
+        "--model", str(tiny_dir), "--data", str(data), "--output", str(tmp_path / "c"),
+        "--backend", "server", "--server-url", server.url],
+        env={"KTO_SERVER_API_KEY": "wrong", "OPENAI_API_KEY": None})
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert lines == [f"Error: server {server.url} refused the request (HTTP 401: Unauthorized); "
+                     "set KTO_SERVER_API_KEY (or OPENAI_API_KEY) to the key the server expects"]
+    assert "Traceback" not in result.output and "wrong" not in result.output
+
+
+def test_api_key_only_from_the_environment():
+    assert api_key_from_env({"OPENAI_API_KEY": "b"}) == "b"
+    assert api_key_from_env({"KTO_SERVER_API_KEY": "a", "OPENAI_API_KEY": "b"}) == "a"
+    assert api_key_from_env({}) is None
+    assert "api_key" not in json.dumps(list(PrecomputeConfig.__dataclass_fields__))
+
+
+@pytest.mark.parametrize("url,expected", [("http://h:8000/v1/", "http://h:8000"),
+                                          ("https://h/prefix", "https://h/prefix")])
+def test_server_url_normalized(url, expected):
+    assert normalize_url(url) == expected
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"backend": "server"}, "needs --server-url"),
+    ({"backend": "hf", "server_url": "http://h:1"}, "pass --backend server"),
+    ({"backend": "server", "server_url": "http://h:1", "server_timeout": 0.0}, "must be > 0"),
+    ({"backend": "server", "server_url": "http://h:1", "prompts_per_request": 0}, "positive"),
+])
+def test_config_refuses_bad_server_options(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        PrecomputeConfig(model="m", data=("d",), output="o", **kw)
+
+
+def test_credentials_in_url_refused():
+    with pytest.raises(ConfigError, match="must not hold credentials"):
+        normalize_url("http://user:key@h:8000")
+
+
+def test_backoff_has_full_jitter_and_a_cap():
+    rng, policy = random.Random(0), RetryPolicy(first_delay=0.5, max_delay=4.0)
+    delays = [[backoff_delay(a, policy, rng) for _ in range(200)] for a in range(8)]
+    assert all(0 <= d <= min(4.0, 0.5 * 2 ** a) for a, ds in enumerate(delays) for d in ds)
+    assert max(delays[7]) > 3.0 and min(delays[7]) < 1.0  # spread over the whole window
