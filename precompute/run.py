@@ -80,6 +80,9 @@ def _run_locked(config: PrecomputeConfig, scorer: Scorer | None, out: Path,
     backend = resolve_backend(config.backend)
     if backend != "server" or scorer is not None:
         return _run_with(config, backend, tokenizer, scorer, out, started)
+    if config.dtype != PrecomputeConfig.dtype:
+        log.warning("--dtype %s does not apply to --backend server: the server's own --dtype "
+                    "decides (the probe's log-probs record its effect)", config.dtype)
     # the server is probed before anything else: what it serves is part of the cache key
     server = make_server_scorer(config.server_url, tokenizer, served_model=config.server_model,
                                 max_concurrent_requests=config.max_concurrent_requests,

@@ -247,6 +247,12 @@ def test_credentials_in_url_refused():
         normalize_url("http://user:key@h:8000")
 
 
+def test_server_client_needs_no_vllm():
+    code = ("import sys, precompute.run, precompute.scoring.server; "
+            "sys.exit(int(any(m == 'vllm' or m.startswith('vllm.') for m in sys.modules)))")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
 def test_backoff_has_full_jitter_and_a_cap():
     rng, policy = random.Random(0), RetryPolicy(first_delay=0.5, max_delay=4.0)
     delays = [[backoff_delay(a, policy, rng) for _ in range(200)] for a in range(8)]
