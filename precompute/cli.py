@@ -105,8 +105,9 @@ def main() -> None:
               help="--backend server: sequences sent in one /v1/completions request.")
 @click.option("--server-timeout", type=float, default=_D["server_timeout"].default,
               show_default=True,
-              help="--backend server: seconds a request is retried (refused connection, "
-                   "timeout, 429, 5xx) before the run stops with an error.")
+              help="--backend server: seconds one attempt waits for an answer, and seconds a "
+                   "request is retried (refused connection, timeout, 429, 5xx) after its "
+                   "first failure before the run stops with an error.")
 @click.option("-v", "--verbose", is_flag=True)
 @user_errors
 def run_command(max_length: int, max_prompt_length: int | None, truncation_mode: str, data: tuple,

@@ -15,19 +15,47 @@ from shared.errors import CacheError
 COLUMNS = ("ref_logps", "ref_kl_logps")
 
 
-def _values(directory: Path) -> pa.Table:
-    return open_cache(directory, verify=False, columns=["id", *COLUMNS]).table
+def _open(directory: Path) -> tuple[dict[str, Any], pa.Table]:
+    cache = open_cache(directory, verify=False, columns=["id", *COLUMNS])
+    return cache.manifest, cache.table
+
+
+def reference_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Which reference scored a cache; for a server, what it served and its probe."""
+    model = manifest["reference_model"]
+    found = {"backend": manifest["backend"]["name"], "model": model["path"],
+             "dtype": model["dtype"], "fingerprint": model["fingerprint"]}
+    server = manifest["backend"].get("server")
+    if isinstance(server, dict):
+        found["server_version"] = server.get("version")
+    return found
+
+
+def probe_difference(ma: dict[str, Any], mb: dict[str, Any]) -> float | None:
+    """Max |difference| of the two servers' probe log-probs (the same probe text and ids),
+    so a changed served model shows even on caches of other rows; None when not both
+    caches come from a server."""
+    probes = [(m["backend"].get("server") or {}).get("probe") for m in (ma, mb)]
+    if not all(isinstance(p, dict) for p in probes) or \
+            probes[0].get("token_ids") != probes[1].get("token_ids"):
+        return None
+    return float(np.abs(np.asarray(probes[0]["logprobs"], dtype=np.float64)
+                        - np.asarray(probes[1]["logprobs"], dtype=np.float64)).max())
 
 
 def compare_caches(a: Path, b: Path) -> dict[str, Any]:
-    ta, tb = _values(a), _values(b)
+    (ma, ta), (mb, tb) = _open(a), _open(b)
     index = {row_id: i for i, row_id in enumerate(tb["id"].to_pylist())}
     ids = ta["id"].to_pylist()
     if len(ids) != len(index) or any(i not in index for i in ids):
         raise CacheError(f"{a} and {b} do not hold the same rows (ids differ); compare caches "
                          "built from the same data and preprocessing options")
     order = np.array([index[i] for i in ids])
-    out: dict[str, Any] = {"rows": len(ids)}
+    out: dict[str, Any] = {"rows": len(ids),
+                           "reference": {"a": reference_of(ma), "b": reference_of(mb)}}
+    probe = probe_difference(ma, mb)
+    if probe is not None:
+        out["server_probe_max_abs_diff"] = probe
     for col in COLUMNS:
         diff = np.abs(ta[col].to_numpy() - tb[col].to_numpy()[order])
         out[col] = {"max": float(diff.max()), "mean": float(diff.mean()),

@@ -127,6 +127,32 @@ def test_url_is_not_in_the_key_the_served_model_is(fake, tiny_dir, data, tmp_pat
     assert other.scoring_requests() == 1  # the probe's only
 
 
+def test_compare_shows_that_the_served_model_changed(fake, tiny_dir, data, tmp_path):
+    from precompute.compare import compare_caches
+
+    server_cache(tiny_dir, data, tmp_path / "a", fake().url)
+    server_cache(tiny_dir, data, tmp_path / "a2", fake().url)
+    server_cache(tiny_dir, data, tmp_path / "b", fake(fn=model_b).url)
+    same = compare_caches(tmp_path / "a", tmp_path / "a2")
+    changed = compare_caches(tmp_path / "a", tmp_path / "b")
+    assert same["server_probe_max_abs_diff"] == 0.0 and same["ref_logps"]["max"] == 0.0
+    assert changed["server_probe_max_abs_diff"] > 1.0 and changed["ref_logps"]["max"] > 1.0
+    assert changed["reference"]["a"]["fingerprint"] != changed["reference"]["b"]["fingerprint"]
+    assert changed["reference"]["a"] == {**same["reference"]["b"]}
+
+
+def test_probe_noise_below_rounding_keeps_the_key_a_change_does_not():
+    from precompute.scoring.server import ServedModel
+
+    def served(values):
+        return ServedModel("m", "1", 1024, "tokenize", "prompt_logprobs", (1, 2, 3),
+                           tuple(values)).identity()
+
+    base = served([-1.2345, -7.0, -0.4])
+    assert served([-1.2345 + 3e-6, -7.0 - 2e-6, -0.4]) == base  # another replica's last bits
+    assert served([-1.2345, -7.25, -0.4]) != base  # another model or dtype
+
+
 @pytest.mark.parametrize("kw,match", [
     ({"token_shift": 1}, "tokenizes the probe text"),
     ({"name": "other-model"}, "does not serve --server-model 'tiny'"),

@@ -67,7 +67,7 @@ def make_server_scorer(url: str, tokenizer: Any, *, served_model: str | None,
     return ServerScorer(url, tokenizer, served_model=served_model, api_key=api_key_from_env(),
                         max_concurrent_requests=max_concurrent_requests,
                         prompts_per_request=prompts_per_request,
-                        policy=RetryPolicy(retry_seconds=timeout))
+                        policy=RetryPolicy(retry_seconds=timeout, request_timeout=timeout))
 
 
 def make_scorer(backend: str, model: str, dtype: str, *, batch_tokens: int | None,
