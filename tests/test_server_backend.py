@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -186,10 +187,13 @@ def test_429_and_5xx_are_retried_then_succeed(fake, tiny_dir, data, tmp_path):
 
 def test_persistent_503_is_one_error_naming_server_and_status(fake, tiny_dir, data, tmp_path):
     server = fake()
-    server.faults = [503] * 10_000
+    server.faults = [None] + [503] * 10_000  # the probe's request passes
     with pytest.raises(ServerError, match=rf"server {server.url}: POST /v1/completions failed "
-                                          r".* last: HTTP 503 fault 503"):
-        server_cache(tiny_dir, data, tmp_path / "c", server.url, server_timeout=1.0)
+                                          r".* over (\d+\.\d) s \(--server-timeout 1.5\); last: "
+                                          r"HTTP 503 fault 503") as err:
+        server_cache(tiny_dir, data, tmp_path / "c", server.url, server_timeout=1.5)
+    # retried for the whole window, not given up when the next delay would overrun it
+    assert 1.5 <= float(re.search(r"over (\d+\.\d) s", str(err.value)).group(1)) < 3.0
     assert not list((tmp_path / "c").glob("shard-*"))
 
 

@@ -92,14 +92,15 @@ class JsonClient:
             except _Retryable as err:
                 now = time.monotonic()
                 first_failure = first_failure if first_failure is not None else now
-                delay = backoff_delay(attempt, self.policy, self._rng)
-                if now + delay - first_failure > self.policy.retry_seconds:
+                left = self.policy.retry_seconds - (now - first_failure)
+                if left <= 0:
                     raise ServerError(
                         f"server {self.base_url}: {method} {path} failed {attempt + 1} time(s) "
                         f"over {now - first_failure:.1f} s (--server-timeout "
                         f"{self.policy.retry_seconds:g}); last: {err.what}. Check that the "
                         "server is up and reachable, then rerun: finished shards are kept"
                     ) from None
+                delay = min(backoff_delay(attempt, self.policy, self._rng), left)
                 log.warning("server %s: %s %s: %s; retrying in %.1f s", self.base_url, method,
                             path, err.what, delay)
                 time.sleep(delay)

@@ -165,6 +165,16 @@ def selected_values(answer: Any, pair: Pair, index: int) -> np.ndarray:
     return values
 
 
+def first_difference(theirs: Any, ours: list[int]) -> str:
+    if not isinstance(theirs, list):
+        return f"the server answered {str(theirs)[:60]} instead of token ids"
+    i = next((i for i, (a, b) in enumerate(zip(theirs, ours, strict=False)) if a != b),
+             min(len(theirs), len(ours)))
+    server, local = (ids[i] if i < len(ids) else "(end)" for ids in (theirs, ours))
+    return (f"{len(theirs)} ids on the server, {len(ours)} here, first different at position "
+            f"{i}: server {server}, local {local}")
+
+
 class ServerScorer:
     name = "server"
 
@@ -224,10 +234,10 @@ class ServerScorer:
             theirs, how = choice.get("prompt_token_ids"), "completion prompt"
         if theirs != ids:
             raise ConfigError(
-                f"server {self.url} ({self.model}) tokenizes the probe text {PROBE_TEXT!r} to "
-                f"{str(theirs)[:80]}, the local tokenizer (--model/--tokenizer) to "
-                f"{str(ids)[:80]}: it serves another tokenizer or model; point --model at the "
-                "served model's tokenizer or --server-url at the right server")
+                f"server {self.url} ({self.model}) tokenizes the probe text {PROBE_TEXT!r} "
+                f"otherwise than the local tokenizer (--model/--tokenizer): "
+                f"{first_difference(theirs, ids)}. It serves another tokenizer or model; point "
+                "--model at the served model's tokenizer or --server-url at the right server")
         return how
 
     def _selected_probe(self, pair: Pair) -> np.ndarray | None:
