@@ -87,7 +87,7 @@ def option(*decls: str, **attrs):
         help="Read a field under another name, e.g. --column label=kto_tag.")
 @option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
         help="auto = vLLM when installed and on a GPU, else transformers (hf), which "
-             "is the faster one on CPU.")
+             "is the faster one on CPU; server = a running vLLM server (--server-url).")
 @option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
         help="Reference dtype. bfloat16 sums drift by nats; see README.")
 @option("--max-length", type=int, default=_T.max_length, show_default=True)
@@ -115,6 +115,22 @@ def option(*decls: str, **attrs):
         show_default=True, help="vLLM on CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE).")
 @option("--max-num-batched-tokens", type=AutoInt(), default="auto", show_default=True,
         help="vLLM backend: tokens per engine step; auto = vLLM's default for the device.")
+@option("--server-url", default=None, metavar="URL",
+        help="--backend server: the vLLM OpenAI-compatible server (or load balancer), "
+             "e.g. http://host:8000. API key: $KTO_SERVER_API_KEY or $OPENAI_API_KEY.")
+@option("--server-model", default=None, show_default="the server's only model",
+        help="--backend server: the served model name to score with.")
+@option("--max-concurrent-requests", type=click.IntRange(min=1),
+        default=_D["max_concurrent_requests"].default, show_default=True,
+        help="--backend server: requests in flight at once (per worker).")
+@option("--prompts-per-request", type=click.IntRange(min=1),
+        default=_D["prompts_per_request"].default, show_default=True,
+        help="--backend server: sequences sent in one /v1/completions request.")
+@option("--server-timeout", type=float, default=_D["server_timeout"].default,
+        show_default=True,
+        help="--backend server: seconds one attempt waits for an answer, and seconds a "
+             "request is retried (refused connection, timeout, 429, 5xx) after its "
+             "first failure before the run stops with an error.")
 @option("-v", "--verbose", is_flag=True)
 @user_errors
 def run_command(max_length: int, max_prompt_length: int | None, truncation_mode: str, data: tuple,

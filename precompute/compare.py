@@ -35,6 +35,29 @@ def pairing_differences(ma: dict[str, Any], mb: dict[str, Any],
             if _field(ma, f) != _field(mb, f)]
 
 
+def reference_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Which reference scored a cache; for a server, what it served and its probe."""
+    model = manifest["reference_model"]
+    found = {"backend": manifest["backend"]["name"], "model": model["path"],
+             "dtype": model["dtype"], "fingerprint": model["fingerprint"]}
+    server = manifest["backend"].get("server")
+    if isinstance(server, dict):
+        found["server_version"] = server.get("version")
+    return found
+
+
+def probe_difference(ma: dict[str, Any], mb: dict[str, Any]) -> float | None:
+    """Max |difference| of the two servers' probe log-probs (the same probe text and ids),
+    so a changed served model shows even on caches of other rows; None when not both
+    caches come from a server."""
+    probes = [(m["backend"].get("server") or {}).get("probe") for m in (ma, mb)]
+    if not all(isinstance(p, dict) for p in probes) or \
+            probes[0].get("token_ids") != probes[1].get("token_ids"):
+        return None
+    return float(np.abs(np.asarray(probes[0]["logprobs"], dtype=np.float64)
+                        - np.asarray(probes[1]["logprobs"], dtype=np.float64)).max())
+
+
 def compare_caches(a: Path, b: Path) -> dict[str, Any]:
     ca, cb = (open_cache(d, verify=False, columns=["id", *COLUMNS]) for d in (a, b))
     differ = pairing_differences(ca.manifest, cb.manifest, SAME_ROWS)
@@ -49,8 +72,12 @@ def compare_caches(a: Path, b: Path) -> dict[str, Any]:
         raise CacheError(f"{a} and {b} do not hold the same rows (ids differ); compare caches "
                          "built from the same data and preprocessing options")
     order = np.array([index[i] for i in ids])
-    out: dict[str, Any] = {"rows": len(ids), "differences": pairing_differences(
-        ca.manifest, cb.manifest, COMPARED)}
+    out: dict[str, Any] = {
+        "rows": len(ids), "differences": pairing_differences(ca.manifest, cb.manifest, COMPARED),
+        "reference": {"a": reference_of(ca.manifest), "b": reference_of(cb.manifest)}}
+    probe = probe_difference(ca.manifest, cb.manifest)
+    if probe is not None:
+        out["server_probe_max_abs_diff"] = probe
     for col in COLUMNS:
         diff = np.abs(ta[col].to_numpy() - tb[col].to_numpy()[order])
         out[col] = {"max": float(diff.max()), "mean": float(diff.mean()),

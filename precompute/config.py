@@ -11,7 +11,7 @@ from shared.formats import SHAPES
 from shared.readers import Subset
 from shared.tokenization import TokenizeOptions
 
-BACKENDS = ("auto", "vllm", "hf")
+BACKENDS = ("auto", "vllm", "hf", "server")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -43,6 +43,12 @@ class PrecomputeConfig:
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_gib: float = 1.0
     max_num_batched_tokens: int | None = None  # None = vLLM's default for the device
+    # server backend (the API key comes from KTO_SERVER_API_KEY / OPENAI_API_KEY only)
+    server_url: str | None = None
+    server_model: str | None = None  # None = the server's only model
+    max_concurrent_requests: int = 4
+    prompts_per_request: int = 8
+    server_timeout: float = 300.0  # seconds of retries after a request's first failure
 
     def __post_init__(self) -> None:
         check_finite(self)
@@ -69,9 +75,23 @@ class PrecomputeConfig:
             raise ConfigError("--batch-tokens and --tensor-parallel-size must be positive")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ConfigError("--max-num-batched-tokens must be positive")
+        self._check_server()
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"--gpu-memory-utilization {self.gpu_memory_utilization} must be "
                               "in (0, 1]")
+
+    def _check_server(self) -> None:
+        if self.backend == "server" and not self.server_url:
+            raise ConfigError("--backend server needs --server-url URL (the vLLM server's "
+                              "address, e.g. http://host:8000)")
+        if self.server_url and self.backend != "server":
+            raise ConfigError(f"--server-url is given but --backend is {self.backend!r}; pass "
+                              "--backend server to score against the server")
+        if self.max_concurrent_requests < 1 or self.prompts_per_request < 1:
+            raise ConfigError("--max-concurrent-requests and --prompts-per-request must be "
+                              "positive")
+        if self.server_timeout <= 0:
+            raise ConfigError(f"--server-timeout {self.server_timeout} must be > 0 seconds")
 
     @property
     def subset(self) -> Subset:

@@ -79,15 +79,27 @@ def library_versions(backend: str) -> dict[str, str]:
     return found
 
 
-def cache_identity(config: PrecomputeConfig, backend: str, tokenizer: Any,
-                   model_dir: Path | None = None) -> dict[str, Any]:
+def reference_identity(config: PrecomputeConfig, served: dict[str, Any] | None,
+                       model_dir: Path | None = None) -> dict[str, Any]:
+    """The local weights' fingerprint; for a server (``served``: its model name, version and
+    probe fingerprint, not its URL) what the server reported, since --model then only gives
+    the tokenizer and the client may not hold the weights at all."""
+    if served is not None:
+        return {"path": served["model"], "dtype": "served", "fingerprint": sha256_json(served),
+                "server": served}
     if model_dir is None:
         model_dir = resolve_model_dir(config.model)
         check_model_dir(model_dir, config.model)
+    return {"path": config.model, "dtype": config.dtype,
+            "fingerprint": model_fingerprint(model_dir)}
+
+
+def cache_identity(config: PrecomputeConfig, backend: str, tokenizer: Any,
+                   model_dir: Path | None = None,
+                   served: dict[str, Any] | None = None) -> dict[str, Any]:
     log.info("fingerprinting model, tokenizer and data")
     return {
-        "reference_model": {"path": config.model, "dtype": config.dtype,
-                            "fingerprint": model_fingerprint(model_dir)},
+        "reference_model": reference_identity(config, served, model_dir),
         "tokenizer": {"path": config.tokenizer_path,
                       "fingerprint": tokenizer_fingerprint(tokenizer),
                       "chat_template_sha256": sha256_json(getattr(tokenizer, "chat_template",

@@ -24,7 +24,7 @@ from precompute.identity import (
 )
 from precompute.prepare import Prepared, prepare
 from precompute.reuse import recorded_shards, reusable_shard
-from precompute.scoring import Scorer, make_scorer, resolve_backend
+from precompute.scoring import Scorer, make_scorer, make_server_scorer, resolve_backend
 from precompute.shards import pair_shard, score_shard, shard_bounds, worker_shards
 from shared import CACHE_FORMAT_VERSION
 from shared.cache import (
@@ -87,10 +87,31 @@ def check_output_outside_inputs(out: Path, data: tuple[str, ...]) -> None:
 
 def _run_locked(config: PrecomputeConfig, scorer: Scorer | None, out: Path,
                 started: float) -> dict[str, Any]:
-    model_dir = resolve_model_dir(config.model)
-    check_model_dir(model_dir, config.model)  # a config and weights: a second
+    model_dir = None
+    if config.backend != "server":  # a server's client holds only the tokenizer
+        model_dir = resolve_model_dir(config.model)
+        check_model_dir(model_dir, config.model)  # a config and weights: a second
     tokenizer = load_tokenizer(config.tokenizer_path)
     backend = resolve_backend(config.backend)
+    if backend != "server" or scorer is not None:
+        return _run_with(config, backend, tokenizer, scorer, out, started, model_dir)
+    if config.dtype != PrecomputeConfig.dtype:
+        log.warning("--dtype %s does not apply to --backend server: the server's own --dtype "
+                    "decides (the probe's log-probs record its effect)", config.dtype)
+    # the server is probed before anything else: what it serves is part of the cache key
+    server = make_server_scorer(config.server_url, tokenizer, served_model=config.server_model,
+                                max_concurrent_requests=config.max_concurrent_requests,
+                                prompts_per_request=config.prompts_per_request,
+                                timeout=config.server_timeout)
+    try:
+        return _run_with(config, backend, tokenizer, server, out, started, model_dir)
+    finally:
+        server.close()
+
+
+def _run_with(config: PrecomputeConfig, backend: str, tokenizer: Any, scorer: Scorer | None,
+              out: Path, started: float, model_dir: Path | None) -> dict[str, Any]:
+    served = getattr(scorer, "served", None) if backend == "server" else None
     # the data are read and checked before the weights are hashed (a minute for a large
     # model), so a misspelled field is reported at once
     with tempfile.TemporaryDirectory(prefix="kto-precompute-", ignore_cleanup_errors=True) as tmp:
@@ -99,16 +120,20 @@ def _run_locked(config: PrecomputeConfig, scorer: Scorer | None, out: Path,
             prepared = prepare(config.data, tokenizer, config.tokenize, config.format,
                                parse_column_map(config.columns), config.skip_invalid, spill,
                                config.subset)
-        identity = cache_identity(config, backend, tokenizer, model_dir)
+        identity = cache_identity(config, backend, tokenizer, model_dir,
+                                  served.identity() if served is not None else None)
         cache_key = sha256_json(identity)
         _claim_output(out, cache_key, config, identity)
     # the rows stay memory-mapped: POSIX keeps an unlinked file's pages while a mapping
     # holds them, so a kill -9 while scoring leaves nothing in $TMPDIR
+    if served is not None:
+        scorer.check_length(longest_sequence(config, prepared.rows))
     bounds = shard_bounds(prepared.rows.num_rows, config.shard_size)
     mine = worker_shards(len(bounds), config.num_workers, config.worker_index)
     infos, scored = _write_shards(config, backend, prepared.rows, bounds, mine, cache_key,
                                   out, scorer)
-    manifest = build_manifest(identity, cache_key, prepared, len(bounds), infos, backend, config)
+    manifest = build_manifest(identity, cache_key, prepared, len(bounds), infos, backend, config,
+                              served.record() if served is not None else None)
     write_json(out / part_manifest_name(config.num_workers, config.worker_index), manifest)
     if config.num_workers == 1:
         verify_cache(out)
@@ -211,10 +236,14 @@ def _reusable(config: PrecomputeConfig, rows: pa.Table, bounds: list[tuple[int, 
     return infos
 
 
-def _start_scorer(config: PrecomputeConfig, backend: str, rows: pa.Table):
+def longest_sequence(config: PrecomputeConfig, rows: pa.Table) -> int:
     lengths = [pc.max(pc.list_value_length(rows[c])).as_py()
                for c in ("prompt_ids", "completion_ids")]
-    longest = min(config.tokenize.max_length, lengths[0] + lengths[1])
+    return min(config.tokenize.max_length, lengths[0] + lengths[1])
+
+
+def _start_scorer(config: PrecomputeConfig, backend: str, rows: pa.Table):
+    longest = longest_sequence(config, rows)
     check_position_limit(config.model, longest)
     log.info("starting the %s scorer on %s (%s)", backend, config.model, config.dtype)
     return make_scorer(backend, config.model, config.dtype, batch_tokens=config.batch_tokens,
@@ -254,14 +283,16 @@ def _score_todo(config, rows, bounds, todo, cache_key, out, scorer, infos, score
 
 def build_manifest(identity: dict[str, Any], cache_key: str, prepared: Prepared,
                    num_shards: int, infos: list[ShardInfo], backend: str,
-                   config: PrecomputeConfig) -> dict[str, Any]:
+                   config: PrecomputeConfig, server: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
     labels = prepared.rows["label"]
     desirable = pc.sum(labels).as_py() or 0
     manifest = {
         "format_version": CACHE_FORMAT_VERSION,
         "cache_key": cache_key,
         **identity,
-        "backend": {"name": backend, "versions": library_versions(backend)},
+        "backend": {"name": backend, "versions": library_versions(backend),
+                    **({"server": server} if server is not None else {})},
         "data": {**identity["data"], "files": prepared.files},
         "counts": {
             "records": prepared.records,

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 
 from precompute.scoring import Scorer
-from shared.errors import ConfigError
+from shared.errors import ConfigError, RowScoreError
 from shared.kl import kl_partners
 from shared.tokenization import fit_completion
 
@@ -62,10 +62,17 @@ def score_shard(rows: pa.Table, shard_index: int, seed: int, max_length: int,
     (one scorer call lets it batch and sort all 2n sequences together)."""
     table = pair_shard(rows, shard_index, seed, max_length)
     prompts = table["prompt_ids"].to_pylist()
-    scores = scorer.score(list(zip(prompts, table["completion_ids"].to_pylist(), strict=True))
-                          + list(zip(prompts, table["kl_completion_ids"].to_pylist(),
-                                     strict=True)))
     n = table.num_rows
+    try:
+        scores = scorer.score(list(zip(prompts, table["completion_ids"].to_pylist(),
+                                       strict=True))
+                              + list(zip(prompts, table["kl_completion_ids"].to_pylist(),
+                                         strict=True)))
+    except RowScoreError as err:
+        row = table["id"][err.index % n].as_py()
+        which = "KL" if err.index >= n else "target"
+        raise RowScoreError(err.index, f"{err.reason}; no shard was written for it",
+                            f"row {row!r} ({which} sequence) of shard {shard_index}") from None
     if not np.isfinite(scores).all():
         ids = table["id"].to_pylist()
         bad = [ids[i % n] for i in np.flatnonzero(~np.isfinite(scores))[:5]]

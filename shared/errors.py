@@ -65,6 +65,21 @@ class CacheError(KtoError):
     """A cache directory is incomplete, damaged or does not match what is asked of it."""
 
 
+class ServerError(KtoError):
+    """A reference-model server could not be reached, refused a request, or answered
+    something that is not a valid answer; names the server and the last status."""
+
+
+class RowScoreError(KtoError):
+    """A scorer's answer for one sequence is unusable (wrong length, a missing position or
+    token, a non-finite value). ``index`` is the sequence's place in the ``score`` call, so
+    the caller, who knows the rows, can name the row."""
+
+    def __init__(self, index: int, reason: str, where: str | None = None):
+        self.index, self.reason = index, reason
+        super().__init__(f"{where or f'sequence {index}'}: {reason}")
+
+
 _SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _ACCESS = (errno.EACCES, errno.EPERM, errno.EROFS)
 ENVIRONMENT_ERRNOS = _SPACE + _ACCESS + (errno.ENOTDIR, errno.EISDIR)

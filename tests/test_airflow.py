@@ -38,8 +38,25 @@ def test_dag_structure(tmp_path):
                                  "combine": ["train"], "train": ["record_summary"],
                                  "record_summary": []}
     assert dag["mapped"] == ["precompute"] and dag["retries"]["precompute"] == 2
-    assert {"model", "data", "output", "num_workers", "train_args"} <= set(dag["params"])
+    assert {"model", "data", "output", "num_workers", "train_args",
+            "server_url"} <= set(dag["params"])
     assert dag["schedule"] == "None"
+
+
+def test_dag_worker_command_takes_a_server_url(tmp_path):
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import kto_cache_dag as d; "
+            "p = {'model': 'tok dir', 'data': ['a.json'], 'output': '/r', 'num_workers': 2, "
+            "'precompute_args': '', 'bin_dir': ''}; "
+            "print(json.dumps([d.precompute_command(p, 1), d.precompute_command("
+            "{**p, 'server_url': 'http://h:8000'}, 1)]))")
+    proc = subprocess.run([str(AIRFLOW_BIN / "python"), "-c", code, str(DAGS)],
+                          capture_output=True, text=True, env=airflow_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain, served = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "--backend server" not in plain and "--server-url" not in plain
+    assert served == ("kto-precompute --model 'tok dir' --data a.json --output /r/cache "
+                      "--num-workers 2 --worker-index 1 --backend server --server-url "
+                      "http://h:8000 ")
 
 
 def test_dag_runs_end_to_end(tiny_dir, tmp_path):

@@ -58,6 +58,31 @@ def test_failed_worker_leaves_nothing_taken_as_done(tiny_dir, tmp_path):
     assert not (out / "cache" / "manifest.json").exists()
 
 
+def test_make_workers_against_a_server_equal_a_single_server_run(tiny_dir, tokenizer,
+                                                                  tmp_path):
+    """SERVER_URL: both workers score against one (stand-in) vLLM server; combined, the
+    cache equals a single run's against it."""
+    from fake_vllm_server import FakeServer
+
+    server = FakeServer(tokenizer)
+    try:
+        data = write_jsonl(tmp_path / "data.jsonl", records(40))
+        out = tmp_path / "run"
+        done = make("-j", "2", "cache", f"MODEL={tiny_dir}", f"DATA={data}", f"OUT={out}",
+                    "WORKERS=2", f"BIN={BIN}", f"SERVER_URL={server.url}",
+                    "PRECOMPUTE_ARGS=--shard-size 6")
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count(f"--backend server --server-url {server.url}") == 2
+        build_cache(tiny_dir, [data], tmp_path / "single", backend="server",
+                    server_url=server.url, shard_size=6)
+    finally:
+        server.close()
+    single_manifest, single = read_cache(tmp_path / "single")
+    piped_manifest, piped = read_cache(out / "cache")
+    assert piped.to_pylist() == single.to_pylist() and piped_manifest == single_manifest
+    assert piped_manifest["backend"]["server"]["model"] == "tiny"
+
+
 @pytest.mark.parametrize("name,kind", [("ddp", "MULTI_GPU"), ("deepspeed_zero3", "DEEPSPEED"),
                                        ("fsdp", "FSDP")])
 def test_shipped_accelerate_configs_load(name, kind):

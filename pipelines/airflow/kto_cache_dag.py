@@ -33,6 +33,10 @@ PARAMS = {
                                 "required, in a folder only you can write."),
     "num_workers": Param(2, type="integer", minimum=1,
                          description="Precompute workers (mapped tasks)."),
+    "server_url": Param("", type="string",
+                        description="A running vLLM server to score against (--backend "
+                                    "server); empty = each worker runs its own scorer. API "
+                                    "key: KTO_SERVER_API_KEY in the workers' environment."),
     "precompute_args": Param("", type="string", description="Extra kto-precompute flags."),
     "train_args": Param("", type="string", description="Extra kto-train flags."),
     "bin_dir": Param("", type="string",
@@ -48,9 +52,11 @@ def _tool(params: dict, name: str) -> str:
 def precompute_command(params: dict, worker_index: int) -> str:
     data = " ".join(f"--data {shlex.quote(d)}" for d in params["data"])
     cache = shlex.quote(str(Path(params["output"]) / "cache"))
+    url = params.get("server_url") or ""
+    server = f"--backend server --server-url {shlex.quote(url)} " if url else ""
     return (f"{_tool(params, 'kto-precompute')} --model {shlex.quote(params['model'])} {data} "
             f"--output {cache} --num-workers {int(params['num_workers'])} "
-            f"--worker-index {int(worker_index)} {params['precompute_args']}")
+            f"--worker-index {int(worker_index)} {server}{params['precompute_args']}")
 
 
 def combine_command(params: dict) -> str:

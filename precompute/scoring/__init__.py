@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -56,6 +56,20 @@ def resolve_backend(backend: str) -> str:
     return "vllm" if vllm_installed() and vllm_on_gpu() else "hf"
 
 
+def make_server_scorer(url: str, tokenizer: Any, *, served_model: str | None,
+                       max_concurrent_requests: int, prompts_per_request: int,
+                       timeout: float) -> Scorer:
+    """A scorer on a running vLLM server, probed before it is returned (see server.py). The
+    API key is read from the environment only: never a flag, never written anywhere."""
+    from precompute.scoring.http_json import RetryPolicy
+    from precompute.scoring.server import ServerScorer, api_key_from_env
+
+    return ServerScorer(url, tokenizer, served_model=served_model, api_key=api_key_from_env(),
+                        max_concurrent_requests=max_concurrent_requests,
+                        prompts_per_request=prompts_per_request,
+                        policy=RetryPolicy(retry_seconds=timeout, request_timeout=timeout))
+
+
 def make_scorer(backend: str, model: str, dtype: str, *, batch_tokens: int | None,
                 max_model_len: int, tensor_parallel_size: int,
                 gpu_memory_utilization: float, cpu_kv_cache_gib: float, seed: int,
@@ -75,4 +89,6 @@ def make_scorer(backend: str, model: str, dtype: str, *, batch_tokens: int | Non
                           gpu_memory_utilization=gpu_memory_utilization,
                           cpu_kv_cache_gib=cpu_kv_cache_gib, seed=seed,
                           max_num_batched_tokens=max_num_batched_tokens)
+    if backend == "server":
+        raise ConfigError("--backend server: use make_server_scorer (it needs the tokenizer)")
     raise ConfigError(f"unknown backend {backend!r}")
