@@ -32,6 +32,7 @@ from common import (  # noqa: E402
     add_model_args,
     checked,
     command_line,
+    data_files,
     data_slice,
     machine,
     measure,
@@ -141,7 +142,7 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     model, shape = resolve_model(args, args.out.parent)
-    data = data_slice(args.out / "data", args.records)
+    data = data_slice(args.out / "data", args.records, data_files(args.data))
     info = machine(args.dtype)
     rpc = args.out / "rpc"
     rpc.mkdir(exist_ok=True)

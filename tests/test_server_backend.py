@@ -378,6 +378,7 @@ def cli_command(tiny_dir, data, out, *extra) -> list[str]:
 
 
 @pytest.mark.vllm
+@pytest.mark.real_data
 @needs_vllm
 def test_real_server_equals_in_process_vllm_and_hf(served_cache, tiny_dir, real_data,
                                                    tmp_path):
@@ -404,6 +405,7 @@ def test_real_server_equals_in_process_vllm_and_hf(served_cache, tiny_dir, real_
 
 
 @pytest.mark.vllm
+@pytest.mark.real_data
 @needs_vllm
 def test_real_server_killed_mid_run_then_restarted(real_server, served_cache, tiny_dir,
                                                    real_data, tmp_path):
