@@ -138,7 +138,7 @@ def checksum_problems(folder: Path, recorded: dict[str, Any]) -> list[str]:
 @contextmanager
 def weights_only_loads() -> Iterator[None]:
     """Every torch.load inside is weights-only: tensors and plain containers, never
-    arbitrary objects (DeepSpeed's checkpoint engine asks for weights_only=False)."""
+    arbitrary objects (DeepSpeed's checkpoint engine asks for full unpickling)."""
     original = torch.load
 
     def load(*args: Any, **kwargs: Any) -> Any:
