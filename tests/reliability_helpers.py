@@ -4,6 +4,7 @@ shard at a chosen column."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -47,3 +48,20 @@ def edit_json(path: Path, edit) -> None:
     value = json.loads(path.read_text())
     edit(value)
     path.write_text(json.dumps(value, indent=2))
+
+
+PRECIOUS = "precious\n"
+
+
+def planted_output(tmp_path: Path, name: str, hard: bool = False) -> tuple[Path, Path]:
+    """(out, victim): a new output folder where ``name`` is a link (symbolic, or ``hard``)
+    to a file of someone else's holding PRECIOUS."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text(PRECIOUS)
+    out = tmp_path / "out"
+    out.mkdir()
+    if hard:
+        os.link(victim, out / name)
+    else:
+        (out / name).symlink_to(victim)
+    return out, victim

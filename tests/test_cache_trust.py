@@ -4,14 +4,13 @@ its folder; `verify` recomputes what a manifest could only claim."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from conftest import build_cache
-from reliability_helpers import assert_clean_error, edit_json
+from reliability_helpers import PRECIOUS, assert_clean_error, edit_json, planted_output
 from test_precompute import synthetic
 
 from precompute.cli import main
@@ -89,15 +88,11 @@ def test_a_failed_combine_keeps_the_good_manifest(caches, tmp_path):
                                   "shard-00000-of-00003.parquet"])
 def test_a_link_planted_in_the_output_is_refused_and_its_target_intact(tiny_dir, caches,
                                                                        tmp_path, name):
-    victim = tmp_path / "victim.txt"
-    victim.write_text("precious\n")
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / name).symlink_to(victim)
+    out, victim = planted_output(tmp_path, name)
     result = CliRunner().invoke(main, ["--model", str(tiny_dir), "--data", str(caches["data"]),
                                        "--output", str(out), "--backend", "hf"])
     assert_clean_error(result, "symbolic link", name)
-    assert victim.read_text() == "precious\n"
+    assert victim.read_text() == PRECIOUS
 
 
 def test_an_output_inside_a_data_folder_is_refused(tiny_dir, tmp_path):
@@ -145,26 +140,18 @@ def test_a_failed_combine_overwrite_keeps_the_finished_cache(caches, tmp_path):
 @pytest.mark.parametrize("name", ["shard-00000-of-00003.parquet",
                                   ".shard-00000-of-00003.parquet.tmp-1"])
 def test_combine_refuses_a_link_planted_in_its_output(caches, tmp_path, name):
-    victim = tmp_path / "victim.txt"
-    victim.write_text("precious\n")
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / name).symlink_to(victim)
+    out, victim = planted_output(tmp_path, name)
     result = CliRunner().invoke(main, ["combine", str(out), *parts_of(caches["root"] / "same")])
     assert_clean_error(result, "symbolic link", name)
-    assert victim.read_text() == "precious\n"
+    assert victim.read_text() == PRECIOUS
 
 
 def test_a_hard_link_at_the_worker_lock_is_refused(tiny_dir, caches, tmp_path):
-    victim = tmp_path / "victim.txt"
-    victim.write_text("precious\n")
-    out = tmp_path / "out"
-    out.mkdir()
-    os.link(victim, out / ".kto-precompute-worker-00000.lock")
+    out, victim = planted_output(tmp_path, ".kto-precompute-worker-00000.lock", hard=True)
     result = CliRunner().invoke(main, ["--model", str(tiny_dir), "--data", str(caches["data"]),
                                        "--output", str(out), "--backend", "hf"])
     assert_clean_error(result, "hard links")
-    assert victim.read_text() == "precious\n"
+    assert victim.read_text() == PRECIOUS
 
 
 @pytest.mark.parametrize("edit, fragment", [

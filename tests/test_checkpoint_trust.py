@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from reliability_helpers import assert_clean_error
+from reliability_helpers import PRECIOUS, assert_clean_error, planted_output
 from train_helpers import build_polite_cache, final_weights, make_policy
 
 from train.checkpoint import STATE, folder_checksums, weights_only_loads
@@ -178,14 +178,10 @@ def test_resume_from_another_folders_checkpoint_into_an_empty_folder(setup, tmp_
 
 @pytest.mark.parametrize("name", [".kto-train.lock", "config.json", "metrics.jsonl"])
 def test_a_link_planted_in_the_output_is_refused_and_its_target_intact(setup, tmp_path, name):
-    victim = tmp_path / "victim.txt"
-    victim.write_text("precious\n")
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / name).symlink_to(victim)
+    out, victim = planted_output(tmp_path, name)
     result = train(setup, out, "--max-steps", "2")
     assert_clean_error(result, "symbolic link", name)
-    assert victim.read_text() == "precious\n"
+    assert victim.read_text() == PRECIOUS
 
 
 def test_a_link_planted_at_a_checkpoint_name_is_refused(setup, tmp_path):
@@ -312,10 +308,6 @@ def test_a_deeply_nested_trainer_state_is_one_line(setup, tmp_path):
 
 
 def test_a_hard_link_at_the_lock_name_is_refused(setup, tmp_path):
-    victim = tmp_path / "victim.txt"
-    victim.write_text("precious\n")
-    out = tmp_path / "out"
-    out.mkdir()
-    os.link(victim, out / ".kto-train.lock")
+    out, victim = planted_output(tmp_path, ".kto-train.lock", hard=True)
     assert_clean_error(train(setup, out, "--max-steps", "1"), "hard links")
-    assert victim.read_text() == "precious\n"
+    assert victim.read_text() == PRECIOUS
