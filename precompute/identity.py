@@ -96,9 +96,12 @@ def reference_identity(config: PrecomputeConfig, served: dict[str, Any] | None,
 
 def cache_identity(config: PrecomputeConfig, backend: str, tokenizer: Any,
                    model_dir: Path | None = None,
-                   served: dict[str, Any] | None = None) -> dict[str, Any]:
+                   served: dict[str, Any] | None = None,
+                   vision: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``vision``: a vision-language cache's processor record and the digest of its rows'
+    images (the images are inputs the data file's fingerprint does not cover)."""
     log.info("fingerprinting model, tokenizer and data")
-    return {
+    identity = {
         "reference_model": reference_identity(config, served, model_dir),
         "tokenizer": {"path": config.tokenizer_path,
                       "fingerprint": tokenizer_fingerprint(tokenizer),
@@ -117,6 +120,10 @@ def cache_identity(config: PrecomputeConfig, backend: str, tokenizer: Any,
         },
         "data": data_identity(config),
     }
+    if vision is not None:
+        identity["processor"] = vision["processor"]
+        identity["data"]["images_sha256"] = vision["images_sha256"]
+    return identity
 
 
 def data_identity(config: PrecomputeConfig) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ from typing import Any
 import pyarrow as pa
 from tqdm.auto import tqdm
 
+from precompute.prepare_vision import VisionEncoder, encode_vision_chunk, image_base
 from shared.cache import SCHEMA
 from shared.errors import ConfigError, InputError
 from shared.formats import (
@@ -31,6 +32,7 @@ from shared.tokenization import (
     TokenizeOptions,
     check_lengths,
     encode_texts,
+    identical_after_truncation,
     render_texts,
     row_id,
     truncate,
@@ -75,14 +77,18 @@ class Prepared:
 
 def prepare(data: tuple[str, ...], tokenizer: Any, opts: TokenizeOptions, shape: str,
             columns: Mapping[str, str], skip_invalid: bool, spill: Path,
-            subset: Subset = DEFAULT_SUBSET) -> Prepared:
+            subset: Subset = DEFAULT_SUBSET, vision: VisionEncoder | None = None) -> Prepared:
+    """``vision``: the reference is a vision-language model (``precompute.prepare_vision``);
+    its rows carry their images."""
     invalid = InvalidLog(skip_invalid)
     files: list[dict[str, Any]] = []
     start = 0
-    with pa.OSFile(str(spill), "wb") as sink, pa.ipc.new_file(sink, ROW_SCHEMA) as writer:
+    schema = vision.row_schema(ROW_SCHEMA) if vision else ROW_SCHEMA
+    with pa.OSFile(str(spill), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
         for path in data:
-            count, used_shape = _prepare_file(path, start, tokenizer, opts, shape, columns,
-                                              invalid, writer, subset)
+            encode = _encoder(tokenizer, opts, invalid, vision, path)
+            count, used_shape = _prepare_file(path, start, encode, shape, columns,
+                                              invalid, (writer, schema), subset)
             files.append({"path": str(path), "records": count, "format": used_shape})
             start += count
     rows = pa.ipc.open_file(pa.memory_map(str(spill))).read_all()
@@ -91,9 +97,24 @@ def prepare(data: tuple[str, ...], tokenizer: Any, opts: TokenizeOptions, shape:
     return Prepared(rows, files, invalid)
 
 
-def _prepare_file(path: str, start: int, tokenizer: Any, opts: TokenizeOptions, shape: str,
+Encode = Callable[[list[tuple[Example, RecordRef]]], list[dict[str, Any]]]
+
+
+def _encoder(tokenizer: Any, opts: TokenizeOptions, invalid: InvalidLog,
+             vision: VisionEncoder | None, path: str) -> Encode:
+    """A chunk of examples -> rows (dicts of the spill schema); invalid ones go to ``invalid``."""
+    if vision is None:
+        return lambda pending: [r.__dict__ for r in encode_chunk(pending, tokenizer, opts,
+                                                                 invalid)]
+    base = None if is_hub_id(path) else image_base(path)
+    return lambda pending: encode_vision_chunk(pending, tokenizer, vision, opts, base,
+                                               invalid.add)
+
+
+def _prepare_file(path: str, start: int, encode: Encode, shape: str,
                   columns: Mapping[str, str], invalid: InvalidLog,
-                  writer: pa.ipc.RecordBatchFileWriter, subset: Subset) -> tuple[int, str]:
+                  writer: tuple[pa.ipc.RecordBatchFileWriter, pa.Schema],
+                  subset: Subset) -> tuple[int, str]:
     pending: list[tuple[Example, RecordRef]] = []
     shape_here = None if shape == "auto" else shape
     count = 0
@@ -114,12 +135,12 @@ def _prepare_file(path: str, start: int, tokenizer: Any, opts: TokenizeOptions, 
                                                            start + index))
         except InputError as err:
             if not invalid.skip:  # report an earlier record's tokenization error first
-                _flush(pending, tokenizer, opts, invalid, writer)
+                _flush(pending, encode, writer)
             invalid.add(err)
         if len(pending) >= _CHUNK:
-            _flush(pending, tokenizer, opts, invalid, writer)
+            _flush(pending, encode, writer)
             pending = []
-    _flush(pending, tokenizer, opts, invalid, writer)
+    _flush(pending, encode, writer)
     if shape_here is None and count:
         raise ConfigError(f"{path}: no record of {count} had a recognisable format (expected "
                           f"{SHAPE_FIELDS}; the first record's fields: {first_keys}). "
@@ -127,12 +148,11 @@ def _prepare_file(path: str, start: int, tokenizer: Any, opts: TokenizeOptions, 
     return count, shape_here or "empty"
 
 
-def _flush(pending: list[tuple[Example, RecordRef]], tokenizer: Any, opts: TokenizeOptions,
-           invalid: InvalidLog, writer: pa.ipc.RecordBatchFileWriter) -> None:
-    rows = encode_chunk(pending, tokenizer, opts, invalid)
+def _flush(pending: list[tuple[Example, RecordRef]], encode: Encode,
+           writer: tuple[pa.ipc.RecordBatchFileWriter, pa.Schema]) -> None:
+    rows = encode(pending)
     if rows:
-        writer.write_batch(pa.RecordBatch.from_pylist(
-            [r.__dict__ for r in rows], schema=ROW_SCHEMA))
+        writer[0].write_batch(pa.RecordBatch.from_pylist(rows, schema=writer[1]))
 
 
 def encode_chunk(pending: list[tuple[Example, RecordRef]], tokenizer: Any,
@@ -143,6 +163,10 @@ def encode_chunk(pending: list[tuple[Example, RecordRef]], tokenizer: Any,
     rendered = []
     for ex, ref in pending:
         try:
+            if ex.images:
+                raise ref.error("images", "images for a text-only model",
+                                "a vision-language --model (one with an image processor) for "
+                                "records with images", f"{len(ex.images)} image(s)")
             rendered.append((ex, ref, *render_texts(ex, tokenizer, ref)))
         except InputError as err:
             bad.setdefault(ex.source_index, err)
@@ -156,22 +180,8 @@ def encode_chunk(pending: list[tuple[Example, RecordRef]], tokenizer: Any,
             continue
         rows.append(TokenizedRow(row_id(ex), ex.source_index, ex.label, p_ids, c_ids))
         refs[ex.source_index] = ref
-    for source_index, err in _identical_after_truncation(rows, refs, opts).items():
+    for source_index, err in identical_after_truncation(rows, refs, opts).items():
         bad.setdefault(source_index, err)
     for source_index in sorted(bad):
         invalid.add(bad[source_index])
     return [r for r in rows if r.source_index not in bad]
-
-
-def _identical_after_truncation(rows: list[TokenizedRow], refs: dict[int, RecordRef],
-                                opts: TokenizeOptions) -> dict[int, InputError]:
-    """Pairs whose chosen and rejected differ only past --max-length: after truncation both
-    rows hold the same completion, a degenerate pair (as chosen == rejected)."""
-    sides: dict[int, dict[bool, list[int]]] = {}
-    for r in rows:
-        if r.id.split("-")[1] in ("c", "r"):
-            sides.setdefault(r.source_index, {})[r.label] = r.completion_ids
-    return {i: InputError(refs[i].path, refs[i].index, "rejected", "chosen equals rejected",
-                          "chosen and rejected that differ within --max-length "
-                          f"{opts.max_length}", "identical completions after truncation")
-            for i, pair in sides.items() if len(pair) == 2 and pair[True] == pair[False]}

@@ -23,6 +23,7 @@ from precompute.identity import (
     resolve_model_dir,
 )
 from precompute.prepare import Prepared, prepare
+from precompute.prepare_vision import VisionEncoder
 from precompute.reuse import recorded_shards, reusable_shard
 from precompute.scoring import Scorer, make_scorer, make_server_scorer, resolve_backend
 from precompute.shards import pair_shard, score_shard, shard_bounds, worker_shards
@@ -44,6 +45,7 @@ from shared.formats import parse_column_map
 from shared.lock import FolderLock
 from shared.manifest import check_manifest, load_json_object
 from shared.sources import check_model_source, removed_if_refused
+from shared.vision import images_digest, load_processor, processor_record, vision_spec
 
 log = logging.getLogger(__name__)
 _SHARD = re.compile(r"^shard-(\d{5})-of-\d{5}\.parquet$")
@@ -93,8 +95,12 @@ def _run_locked(config: PrecomputeConfig, scorer: Scorer | None, out: Path,
         check_model_dir(model_dir, config.model)  # a config and weights: a second
     tokenizer = load_tokenizer(config.tokenizer_path)
     backend = resolve_backend(config.backend)
+    vision = vision_encoder(config.tokenizer_path)
+    if vision is not None and backend == "server":
+        raise ConfigError(f"--model {config.model} is a vision-language model: --backend server "
+                          "does not score images yet; use --backend vllm or hf")
     if backend != "server" or scorer is not None:
-        return _run_with(config, backend, tokenizer, scorer, out, started, model_dir)
+        return _run_with(config, backend, tokenizer, scorer, out, started, model_dir, vision)
     if config.dtype != PrecomputeConfig.dtype:
         log.warning("--dtype %s does not apply to --backend server: the server's own --dtype "
                     "decides (the probe's log-probs record its effect)", config.dtype)
@@ -109,8 +115,28 @@ def _run_locked(config: PrecomputeConfig, scorer: Scorer | None, out: Path,
         server.close()
 
 
+def vision_encoder(path: str) -> VisionEncoder | None:
+    """The processor of a vision-language model folder (None for a text model)."""
+    processor = load_processor(path)
+    if processor is None:
+        return None
+    spec = vision_spec(processor, path)
+    log.info("vision-language model: image token %r, image processor %s", spec.image_token,
+             spec.settings["image_processor_class"])
+    return VisionEncoder(processor, spec)
+
+
+def _vision_identity(vision: VisionEncoder | None, path: str,
+                     rows: pa.Table) -> dict[str, Any] | None:
+    if vision is None:
+        return None
+    return {"processor": processor_record(vision.spec, path),
+            "images_sha256": images_digest(rows["image_sha256"].to_pylist())}
+
+
 def _run_with(config: PrecomputeConfig, backend: str, tokenizer: Any, scorer: Scorer | None,
-              out: Path, started: float, model_dir: Path | None) -> dict[str, Any]:
+              out: Path, started: float, model_dir: Path | None,
+              vision: VisionEncoder | None = None) -> dict[str, Any]:
     served = getattr(scorer, "served", None) if backend == "server" else None
     # the data are read and checked before the weights are hashed (a minute for a large
     # model), so a misspelled field is reported at once
@@ -119,9 +145,10 @@ def _run_with(config: PrecomputeConfig, backend: str, tokenizer: Any, scorer: Sc
         with writing(spill, where="TMPDIR"):
             prepared = prepare(config.data, tokenizer, config.tokenize, config.format,
                                parse_column_map(config.columns), config.skip_invalid, spill,
-                               config.subset)
+                               config.subset, vision)
         identity = cache_identity(config, backend, tokenizer, model_dir,
-                                  served.identity() if served is not None else None)
+                                  served.identity() if served is not None else None,
+                                  _vision_identity(vision, config.tokenizer_path, prepared.rows))
         cache_key = sha256_json(identity)
         _claim_output(out, cache_key, config, identity)
     # the rows stay memory-mapped: POSIX keeps an unlinked file's pages while a mapping
@@ -131,7 +158,7 @@ def _run_with(config: PrecomputeConfig, backend: str, tokenizer: Any, scorer: Sc
     bounds = shard_bounds(prepared.rows.num_rows, config.shard_size)
     mine = worker_shards(len(bounds), config.num_workers, config.worker_index)
     infos, scored = _write_shards(config, backend, prepared.rows, bounds, mine, cache_key,
-                                  out, scorer)
+                                  out, scorer, vision)
     manifest = build_manifest(identity, cache_key, prepared, len(bounds), infos, backend, config,
                               served.record() if served is not None else None)
     write_json(out / part_manifest_name(config.num_workers, config.worker_index), manifest)
@@ -197,7 +224,8 @@ def _owned_by(name: str, num_workers: int, worker_index: int) -> bool:
 
 def _write_shards(config: PrecomputeConfig, backend: str, rows: pa.Table,
                   bounds: list[tuple[int, int]], mine: list[int], cache_key: str,
-                  out: Path, scorer: Scorer | None) -> tuple[list[ShardInfo], dict[str, float]]:
+                  out: Path, scorer: Scorer | None, vision: VisionEncoder | None = None
+                  ) -> tuple[list[ShardInfo], dict[str, float]]:
     infos = _reusable(config, rows, bounds, mine, cache_key, out)
     todo = [s for s in mine if s not in infos]
     if infos:
@@ -205,7 +233,7 @@ def _write_shards(config: PrecomputeConfig, backend: str, rows: pa.Table,
     scored = {"rows": 0, "tokens": 0, "seconds": 0.0}
     if todo:
         own = scorer is None
-        scorer = scorer or _start_scorer(config, backend, rows)
+        scorer = scorer or _start_scorer(config, backend, rows, vision)
         try:
             _score_todo(config, rows, bounds, todo, cache_key, out, scorer, infos, scored)
         finally:
@@ -242,10 +270,15 @@ def longest_sequence(config: PrecomputeConfig, rows: pa.Table) -> int:
     return min(config.tokenize.max_length, lengths[0] + lengths[1])
 
 
-def _start_scorer(config: PrecomputeConfig, backend: str, rows: pa.Table):
+def _start_scorer(config: PrecomputeConfig, backend: str, rows: pa.Table,
+                  vision: VisionEncoder | None = None):
     longest = longest_sequence(config, rows)
     check_position_limit(config.model, longest)
     log.info("starting the %s scorer on %s (%s)", backend, config.model, config.dtype)
+    if vision is not None:
+        from precompute.scoring.vision import make_vision_scorer
+
+        return make_vision_scorer(backend, config, vision, longest)
     return make_scorer(backend, config.model, config.dtype, batch_tokens=config.batch_tokens,
                        max_model_len=longest + 1,  # vLLM scores at most max_model_len - 1
                        tensor_parallel_size=config.tensor_parallel_size,
@@ -259,7 +292,8 @@ def check_position_limit(model: str, longest: int) -> None:
     transformers would silently extrapolate)."""
     from transformers import AutoConfig
 
-    limit = getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None)
+    config = AutoConfig.from_pretrained(model)
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
     if limit is not None and longest + 1 > limit:
         raise ConfigError(f"sequences reach {longest} tokens but {model} has "
                           f"{limit} positions; lower --max-length to {limit - 1} or less")
@@ -307,9 +341,20 @@ def build_manifest(identity: dict[str, Any], cache_key: str, prepared: Prepared,
         "num_shards": num_shards,
         "shards": shard_infos(infos),
     }
+    if "image_sha256" in prepared.rows.column_names:
+        manifest["images"] = image_counts(prepared.rows)
     if config.num_workers > 1:
         manifest["worker"] = {"index": config.worker_index, "num_workers": config.num_workers}
     return manifest
+
+
+def image_counts(rows: pa.Table) -> dict[str, int]:
+    """Images in the rows, distinct ones (by SHA-256) and their bytes."""
+    hashes = pc.list_flatten(rows["image_sha256"])
+    sizes = pc.binary_length(pc.struct_field(pc.list_flatten(rows["images"]), "bytes"))
+    distinct = {h: n for h, n in zip(hashes.to_pylist(), sizes.to_pylist(), strict=True)}
+    return {"count": len(hashes), "distinct": len(distinct),
+            "distinct_bytes": sum(distinct.values())}
 
 
 def _summary(manifest: dict[str, Any], scored: dict[str, float], seconds: float, out: Path,

@@ -11,6 +11,7 @@ from precompute.scoring import Scorer
 from shared.errors import ConfigError, RowScoreError
 from shared.kl import kl_partners
 from shared.tokenization import fit_completion
+from shared.vision import VISION_COLUMNS
 
 
 def shard_bounds(num_rows: int, shard_size: int) -> list[tuple[int, int]]:
@@ -53,7 +54,15 @@ def pair_shard(rows: pa.Table, shard_index: int, seed: int, max_length: int) -> 
         "kl_completion_ids": pa.array(kl_completions(prompts, completions, partners, max_length),
                                       type=pa.list_(pa.int32())),
         "kl_partner": pa.array([ids[j] for j in partners], type=pa.string()),
+        # a KL sequence is its own row's prompt: its images stay the row's own
+        **{c: rows[c] for c in VISION_COLUMNS if c in rows.column_names},
     })
+
+
+def row_images(table: pa.Table) -> list[tuple[list[bytes], list[int]]]:
+    """Per row: its images' encoded bytes and how many tokens each became."""
+    return [([i["bytes"] for i in images], counts) for images, counts in
+            zip(table["images"].to_pylist(), table["image_tokens"].to_pylist(), strict=True)]
 
 
 def score_shard(rows: pa.Table, shard_index: int, seed: int, max_length: int,
@@ -63,11 +72,13 @@ def score_shard(rows: pa.Table, shard_index: int, seed: int, max_length: int,
     table = pair_shard(rows, shard_index, seed, max_length)
     prompts = table["prompt_ids"].to_pylist()
     n = table.num_rows
+    pairs = (list(zip(prompts, table["completion_ids"].to_pylist(), strict=True))
+             + list(zip(prompts, table["kl_completion_ids"].to_pylist(), strict=True)))
     try:
-        scores = scorer.score(list(zip(prompts, table["completion_ids"].to_pylist(),
-                                       strict=True))
-                              + list(zip(prompts, table["kl_completion_ids"].to_pylist(),
-                                         strict=True)))
+        if "images" in table.column_names:  # target and KL sequences share the row's images
+            scores = scorer.score(pairs, images=2 * row_images(table))
+        else:
+            scores = scorer.score(pairs)
     except RowScoreError as err:
         row = table["id"][err.index % n].as_py()
         which = "KL" if err.index >= n else "target"

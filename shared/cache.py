@@ -19,6 +19,7 @@ from shared.errors import CacheError
 from shared.files import atomic_write, atomic_write_text
 from shared.fingerprint import sha256_file
 from shared.manifest import REWRITE, cache_key_of, check_manifest, load_json_object, shard_name
+from shared.vision import VISION_COLUMNS, VISION_FIELDS, check_vision_rows
 
 __all__ = ["MANIFEST", "SCHEMA", "ShardInfo", "shard_name", "verify_cache", "write_shard"]
 MANIFEST = "manifest.json"
@@ -34,7 +35,10 @@ SCHEMA = pa.schema([
     ("ref_kl_logps", pa.float64()),
 ])
 REFERENCE_COLUMNS = ("ref_logps", "ref_kl_logps")
+# a vision-language model's cache: the same columns and each row's images (shared.vision)
+VISION_SCHEMA = pa.schema([*SCHEMA, *VISION_FIELDS])
 _META_KEY = b"kto_cache"
+_HF_KEY = b"huggingface"  # datasets reads a shard's features (Image) from this key
 REBUILD = "re-run kto-precompute with the same options on the same --output to rebuild it"
 
 
@@ -59,11 +63,28 @@ def write_shard(directory: Path, name: str, table: pa.Table, cache_key: str) -> 
     """Write to a temporary name, fsync, then rename: a reader never sees half a shard.
     Every page carries a CRC, so a later run can tell a damaged shard from a good one
     even without the manifest."""
-    table = table.cast(SCHEMA).replace_schema_metadata({_META_KEY: cache_key.encode()})
+    vision = "images" in table.column_names
+    meta = {_META_KEY: cache_key.encode()}
+    if vision:
+        meta[_HF_KEY] = json.dumps({"info": {"features": vision_features().to_dict()}}).encode()
+    schema = VISION_SCHEMA if vision else SCHEMA
+    table = table.select(schema.names).cast(schema).replace_schema_metadata(meta)
     final = directory / name
     atomic_write(final, lambda f: pq.write_table(table, f, compression="zstd",
                                                  write_page_checksum=True))
     return ShardInfo(name, table.num_rows, table_tokens(table), sha256_file(final))
+
+
+def vision_features():
+    """The vision schema as ``datasets`` features: images as a list of Image, so
+    ``datasets.load_dataset(CACHE)`` gives decoded images."""
+    import datasets
+
+    features = datasets.Features.from_arrow_schema(SCHEMA)
+    features["images"] = datasets.List(datasets.Image())
+    features["image_sha256"] = datasets.List(datasets.Value("string"))
+    features["image_tokens"] = datasets.List(datasets.Value("int32"))
+    return features
 
 
 def shard_cache_key(path: Path) -> str | None:
@@ -79,7 +100,7 @@ def shard_cache_key(path: Path) -> str | None:
 def read_shard(path: Path) -> pa.Table:
     """Every column, with each page's CRC checked; OSError/ArrowInvalid when damaged."""
     table = pq.read_table(path, page_checksum_verification=True)
-    if not table.schema.equals(SCHEMA, check_metadata=False):
+    if not any(table.schema.equals(s, check_metadata=False) for s in (SCHEMA, VISION_SCHEMA)):
         raise pa.ArrowInvalid(f"schema {table.schema.names} is not the cache schema")
     return table
 
@@ -140,7 +161,9 @@ def check_cache_files(root: Path, manifest: dict[str, Any], checksums: bool = Tr
         raise CacheError(f"{root}: backend.name {manifest['backend']['name']!r} is not the "
                          f"backend the cache key records "
                          f"({manifest['preprocessing'].get('backend')!r}); {REBUILD}")
-    found = [_verify_shard(root, entry, manifest["cache_key"], checksums) for entry in shards]
+    processor = manifest.get("processor")  # a vision-language model's cache
+    found = [_verify_shard(root, entry, manifest["cache_key"], checksums, processor)
+             for entry in shards]
     _check_totals(root, manifest, _sum_found(found) if checksums else None)
 
 
@@ -172,8 +195,8 @@ def _check_totals(root: Path, manifest: dict[str, Any], read: dict[str, int] | N
                          f"({'; '.join(wrong)}); {REBUILD}")
 
 
-def _verify_shard(root: Path, entry: dict[str, Any], cache_key: str,
-                  checksums: bool) -> dict[str, Any]:
+def _verify_shard(root: Path, entry: dict[str, Any], cache_key: str, checksums: bool,
+                  processor: dict[str, Any] | None = None) -> dict[str, Any]:
     """Checks one shard; with ``checksums`` returns its number of desirable rows and the
     source records of its rows (its token count is recomputed too)."""
     name, path = entry["name"], root / entry["name"]
@@ -187,8 +210,9 @@ def _verify_shard(root: Path, entry: dict[str, Any], cache_key: str,
         schema = meta.schema.to_arrow_schema()
     except (pa.ArrowInvalid, OSError) as err:
         raise CacheError(f"shard {name} cannot be read as Parquet ({err}); {REBUILD}") from None
-    wrong = [f.name for f in SCHEMA if schema.get_field_index(f.name) < 0
-             or schema.field(f.name).type != f.type]
+    vision = processor is not None
+    wrong = [f.name for f in (VISION_SCHEMA if vision else SCHEMA)
+             if schema.get_field_index(f.name) < 0 or schema.field(f.name).type != f.type]
     if wrong:
         raise CacheError(f"shard {name}: columns missing or of the wrong type: {wrong}; {REBUILD}")
     if meta.num_rows != entry["rows"]:
@@ -207,6 +231,11 @@ def _verify_shard(root: Path, entry: dict[str, Any], cache_key: str,
     if bad:
         raise CacheError(f"shard {name} holds non-finite reference log-probs ({bad} rows): "
                          f"damaged or edited; {REBUILD}")
+    if vision:
+        problem = check_vision_rows(pq.read_table(path, columns=["prompt_ids", *VISION_COLUMNS]),
+                                    processor["image_token_id"])
+        if problem:
+            raise CacheError(f"shard {name}: {problem}: damaged or edited; {REBUILD}")
     tokens = table_tokens(table)
     if tokens != entry["tokens"]:
         raise CacheError(f"shard {name} holds {tokens} tokens, manifest says {entry['tokens']}; "

@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 import yaml
 
-from shared.cache import SCHEMA
+from shared.cache import SCHEMA, VISION_SCHEMA, vision_features
 from shared.files import atomic_write_text
 from shared.summary import describe_cache
 
@@ -36,14 +36,22 @@ COLUMN_MEANINGS = {
     "kl_partner": "`id` of the KL partner row (same shard)",
     "ref_logps": "reference log-prob of the completion after the prompt, summed over its tokens",
     "ref_kl_logps": "reference log-prob of the KL completion after the prompt",
+    "images": "the row's images, encoded as read (PNG for decoded ones); image i is the "
+              "i-th image span of `prompt_ids`",
+    "image_sha256": "SHA-256 of each image's bytes",
+    "image_tokens": "how many `prompt_ids` tokens each image became (the processor's "
+                    "expansion)",
 }
 _SIZES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
           (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"))
 
 
-def features_yaml() -> list[dict[str, str]]:
+def features_yaml(vision: bool = False) -> list[dict[str, str]]:
     """The cache schema in the YAML form of ``datasets.Features`` (``list: int32`` for a
-    list of int32)."""
+    list of int32); a vision cache's images as ``list: image``, so that
+    ``datasets.load_dataset(CACHE)`` decodes them."""
+    if vision:
+        return vision_features()._to_yaml_list()
     out = []
     for field in SCHEMA:
         if pa.types.is_list(field.type):
@@ -70,7 +78,8 @@ def card_metadata(manifest: dict[str, Any]) -> dict[str, Any]:
         # num_examples makes load_dataset check the row count. datasets ignores a split
         # entry without num_bytes (the Arrow size, which it measures itself while loading):
         # 0 stands for "not known here".
-        "dataset_info": {"config_name": "default", "features": features_yaml(),
+        "dataset_info": {"config_name": "default",
+                         "features": features_yaml("processor" in manifest),
                          "splits": [{"name": "train", "num_bytes": 0, "num_examples": rows}]},
     }
 
@@ -119,8 +128,9 @@ Set `license` in the header to match them before publishing.
 
 
 def _prose(m: dict[str, Any]) -> str:
+    schema = VISION_SCHEMA if "processor" in m else SCHEMA
     columns = "\n".join(f"| `{f.name}` | {_type_name(f.type)} | {COLUMN_MEANINGS[f.name]} |"
-                        for f in SCHEMA)
+                        for f in schema)
     return (f"{_MARK}\n\n# KTO reference cache: {_model_name(m)}\n\n{_INTRO}\n\n"
             f"## Contents\n\n```text\n{describe_cache(m)}\n```\n\n{_contents(m)}\n\n"
             "## Columns\n\n| column | type | meaning |\n| --- | --- | --- |\n"
@@ -144,6 +154,8 @@ def _contents(m: dict[str, Any]) -> str:
 
 
 def _type_name(t: pa.DataType) -> str:
+    if pa.types.is_list(t) and pa.types.is_struct(t.value_type):
+        return "list<image>"
     return f"list<{t.value_type}>" if pa.types.is_list(t) else _DTYPES[t]
 
 

@@ -6,6 +6,7 @@ messages; ShareGPT's ``{"from", "value"}`` messages are accepted and renamed."""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -23,6 +24,9 @@ _ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "ass
           "system": "system"}
 # HH-RLHF style text: the prompt ends after the last assistant marker both sides share.
 _ASSISTANT_MARKER = "Assistant:"
+# Where an image goes in text (LLaMA-Factory's placeholder); TRL's typed content parts
+# ({"type": "image"}) become this marker too.
+IMAGE_MARKER = "<image>"
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class Example:
     label: bool
     prompt: Content
     completion: Content
+    images: tuple[Any, ...] = ()  # raw image values of the record (shared.images reads them)
 
 
 @dataclass(frozen=True)
@@ -120,7 +125,15 @@ def detect_shape(record: Any, ref: RecordRef) -> str:
 
 
 def to_examples(record: Any, shape: str, ref: RecordRef, source_index: int) -> list[Example]:
-    """Validate one record of a known shape and return its KTO examples."""
+    """Validate one record of a known shape and return its KTO examples; a record's
+    ``images`` (or ``image``) go with every example made from it."""
+    examples = _shape_examples(record, shape, ref, source_index)
+    images = tuple(record_images(record, ref))
+    return [dataclasses.replace(e, images=images) for e in examples] if images else examples
+
+
+def _shape_examples(record: Any, shape: str, ref: RecordRef,
+                    source_index: int) -> list[Example]:
     if not isinstance(record, Mapping):
         raise ref.error("<record>", "wrong type", "a JSON object", record)
     if shape == "unpaired":
@@ -242,6 +255,8 @@ def _messages(value: Any, name: str, ref: RecordRef) -> list[Message]:
             raise ref.error(where, "malformed message", "an object with role and content", msg)
         role = msg.get("role", msg.get("from"))
         content = msg.get("content", msg.get("value"))
+        if isinstance(content, list):
+            content = _typed_content(content, f"{where}.content", ref)
         if role not in _ROLES:
             raise ref.error(f"{where}.role", "malformed message",
                             f"one of {', '.join(sorted(_ROLES))}", role)
@@ -250,6 +265,23 @@ def _messages(value: Any, name: str, ref: RecordRef) -> list[Message]:
         _check_unicode(content, f"{where}.content", ref)
         out.append({"role": _ROLES[role], "content": content})
     return out
+
+
+def _typed_content(parts: list[Any], name: str, ref: RecordRef) -> str:
+    """TRL's vision content, ``[{"type": "image"}, {"type": "text", "text": ...}]``, as text
+    with an image marker where each image goes."""
+    out = []
+    for i, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind == "image":
+            out.append(IMAGE_MARKER)
+        elif kind == "text" and isinstance(part.get("text"), str):
+            out.append(part["text"])
+        else:
+            raise ref.error(f"{name}[{i}]", "malformed message",
+                            "a content part {'type': 'text', 'text': ...} or {'type': 'image'}",
+                            part)
+    return "".join(out)
 
 
 def _split_shared_prompt(chosen: Content, rejected: Content,
@@ -286,3 +318,17 @@ def _common_prefix_len(a: Any, b: Any) -> int:
             break
         n += 1
     return n
+
+
+def record_images(record: Mapping[str, Any], ref: RecordRef) -> list[Any]:
+    """The raw image values of a record: ``images`` (a list) or ``image`` (one value, TRL's
+    single-image shape); none is an empty list."""
+    if record.get("images") is not None:
+        value = record["images"]
+        if not isinstance(value, (list, tuple)):
+            raise ref.error("images", "wrong type", "a list of images",
+                            value)
+        return list(value)
+    if record.get("image") is not None:
+        return [record["image"]]
+    return []

@@ -43,6 +43,8 @@ def cache_key_of(manifest: dict[str, Any]) -> str:
     """The cache key a manifest's identity fields hash to (``data.files`` is a listing
     added after hashing; the rest of ``data`` is hashed)."""
     identity = {k: manifest[k] for k in IDENTITY_FIELDS}
+    if "processor" in manifest:  # a vision-language model's image processor
+        identity["processor"] = manifest["processor"]
     identity["data"] = {k: v for k, v in manifest["data"].items() if k != "files"}
     return sha256_json(identity)
 

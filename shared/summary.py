@@ -23,4 +23,11 @@ def describe_cache(m: dict[str, Any]) -> str:
         + "".join(f"\n  {reason}: {n}" for reason, n in c["invalid_by_reason"].items()),
         f"shards          : {m['num_shards']}, {m['tokens']} tokens scored",
     ]
+    if "processor" in m:  # a vision-language model's cache
+        settings, images = m["processor"]["settings"], m.get("images", {})
+        lines[2:2] = [f"processor       : fingerprint {m['processor']['fingerprint'][:12]} "
+                      f"({settings.get('image_processor_class')}, image token "
+                      f"{m['processor']['image_token']!r})",
+                      f"images          : {images.get('count')} in rows, "
+                      f"{images.get('distinct')} distinct ({images.get('distinct_bytes')} bytes)"]
     return "\n".join(lines)

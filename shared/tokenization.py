@@ -136,3 +136,17 @@ def check_lengths(prompt_ids: list[int], completion_ids: list[int], ref: RecordR
                          f"--max-prompt-length {opts.max_prompt_length}",
                          f"{len(prompt_ids)} prompt tokens")
     return None
+
+
+def identical_after_truncation(rows: list[TokenizedRow], refs: dict[int, RecordRef],
+                               opts: TokenizeOptions) -> dict[int, InputError]:
+    """Pairs whose chosen and rejected differ only past --max-length: after truncation both
+    rows hold the same completion, a degenerate pair (as chosen == rejected)."""
+    sides: dict[int, dict[bool, list[int]]] = {}
+    for r in rows:
+        if r.id.split("-")[1] in ("c", "r"):
+            sides.setdefault(r.source_index, {})[r.label] = r.completion_ids
+    return {i: InputError(refs[i].path, refs[i].index, "rejected", "chosen equals rejected",
+                          "chosen and rejected that differ within --max-length "
+                          f"{opts.max_length}", "identical completions after truncation")
+            for i, pair in sides.items() if len(pair) == 2 and pair[True] == pair[False]}

@@ -13,10 +13,19 @@ from train import demo
 IMAGE_TOKEN = "<image>"
 IMAGE_SIZE, PATCH = 32, 8
 TOKENS_PER_IMAGE = (IMAGE_SIZE // PATCH) ** 2
+# the tests' ChatML template, taking text or typed content parts (as LLaVA's templates do)
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def build_vision_tokenizer():
     tokenizer = demo.build_tokenizer(tiny.corpus())
+    tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     return tokenizer
 
@@ -29,7 +38,7 @@ def build_processor(tokenizer, image_size: int = IMAGE_SIZE):
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
                           vision_feature_select_strategy="default", image_token=IMAGE_TOKEN,
-                          num_additional_image_tokens=1, chat_template=demo.CHAT_TEMPLATE)
+                          num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
 
 
 def build_llava(tokenizer, seed: int = 0, layers: int = 2, hidden: int = 64):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -85,19 +85,23 @@ class HFScorer:
 
     def __init__(self, model_path: str, dtype: str, batch_tokens: int | None,
                  max_length: int = 1024):
-        from transformers import AutoModelForCausalLM
-
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=getattr(torch, dtype)).to(self.device).eval()
+        self.model = self._load(model_path, getattr(torch, dtype)).to(self.device).eval()
         self.batch_tokens = batch_tokens or self._auto_batch_tokens(dtype, max_length)
-        self.pad_id = self.model.config.pad_token_id or 0  # masked out; any valid id works
+        # masked out; any valid id works
+        self.pad_id = self.model.config.get_text_config().pad_token_id or 0
         self.keep_arg = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self.body, self.head = plain_head(self.model)
         self.head_rows = HEAD_CHUNK or chunk_rows(self.model.config.get_text_config().vocab_size)
         log.info("hf scorer on %s, %d tokens per batch: %s", self.device, self.batch_tokens,
                  "LM head on completion positions only" if self.head
                  else "model forward with logits_to_keep (logits are not a plain LM head)")
+
+    @staticmethod
+    def _load(model_path: str, dtype: torch.dtype) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
 
     def _auto_batch_tokens(self, dtype: str, max_length: int) -> int:
         free = torch.cuda.mem_get_info()[0] if self.device.type == "cuda" else 0
@@ -106,8 +110,14 @@ class HFScorer:
                                                max_length)
         return auto_batch_tokens(self.device, free, per_token)
 
-    @torch.inference_mode()
     def score(self, pairs: Sequence[Pair]) -> np.ndarray:
+        return self._score_all(pairs, lambda rows: self._score_batch([pairs[i] for i in rows]))
+
+    @torch.inference_mode()
+    def _score_all(self, pairs: Sequence[Pair],
+                   score_rows: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """Every pair, in token-budget batches of similar length (``score_rows``: the sums
+        of the pairs at those indices); a batch out of memory halves the budget."""
         out = np.zeros(len(pairs), dtype=np.float64)
         done = np.zeros(len(pairs), dtype=bool)
         lengths = [len(p) + len(c) for p, c in pairs]
@@ -116,7 +126,7 @@ class HFScorer:
             try:
                 for batch in token_budget_batches([lengths[i] for i in todo], self.batch_tokens):
                     rows = todo[batch]
-                    out[rows] = self._score_batch([pairs[i] for i in rows])
+                    out[rows] = score_rows(rows)
                     done[rows] = True
             except torch.OutOfMemoryError:
                 if self.batch_tokens < 2 * MIN_BATCH_TOKENS:
@@ -130,16 +140,17 @@ class HFScorer:
         self.batch_tokens //= 2
         log.warning("out of memory: continuing with --batch-tokens %d", self.batch_tokens)
 
-    def _score_batch(self, pairs: Sequence[Pair]) -> np.ndarray:
+    def _score_batch(self, pairs: Sequence[Pair], **inputs: torch.Tensor) -> np.ndarray:
+        """``inputs``: more model inputs for the batch (a vision model's pixel values)."""
         ids, mask, positions, clen = (t.to(self.device) for t in left_pad(pairs, self.pad_id))
         if self.head is not None:
-            hidden = self.body(input_ids=ids, attention_mask=mask,
-                               position_ids=positions).last_hidden_state
+            hidden = self.body(input_ids=ids, attention_mask=mask, position_ids=positions,
+                               **inputs).last_hidden_state
             return completion_logps(hidden, self.head, ids, clen, self.head_rows).cpu().numpy()
         k = int(clen.max())  # positions T-k-1 .. T-2 predict the last k tokens
         kwargs = {"logits_to_keep": k + 1} if self.keep_arg else {}
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                            **kwargs).logits
+                            **inputs, **kwargs).logits
         # float64 sum: a float32 sum of ~1000 terms drifts by ~1e-4 nats
         return tail_logps(logits, ids, clen, torch.float64).cpu().numpy()
 
