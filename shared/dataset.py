@@ -30,7 +30,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shared.cache import SCHEMA, verify_cache
+from shared.cache import SCHEMA, VISION_SCHEMA, verify_cache, vision_features
 from shared.errors import CacheError
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def map_shards(directory: str | Path, manifest: dict[str, Any],
                spill: str | Path | None = None) -> pa.Table:
     """The rows of the manifest's shards (already verified by the caller), copied into one
     Arrow IPC file and memory-mapped. Memory while copying: one batch of rows."""
-    schema = _schema(columns)
+    schema = _schema(columns, "processor" in manifest)
     if spill is None:
         fd, name = tempfile.mkstemp(prefix="kto-cache-", suffix=".arrow")
         os.close(fd)
@@ -76,13 +76,14 @@ def map_shards(directory: str | Path, manifest: dict[str, Any],
     return _spill_and_map(Path(directory), manifest, schema, Path(spill))
 
 
-def _schema(columns: Sequence[str] | None) -> pa.Schema:
+def _schema(columns: Sequence[str] | None, vision: bool = False) -> pa.Schema:
+    full = VISION_SCHEMA if vision else SCHEMA
     if columns is None:
-        return SCHEMA
-    unknown = [c for c in columns if SCHEMA.get_field_index(c) < 0]
+        return full
+    unknown = [c for c in columns if full.get_field_index(c) < 0]
     if unknown:
-        raise CacheError(f"no column(s) {unknown} in a cache; the columns are {SCHEMA.names}")
-    return pa.schema([SCHEMA.field(c) for c in columns])
+        raise CacheError(f"no column(s) {unknown} in a cache; the columns are {full.names}")
+    return pa.schema([full.field(c) for c in columns])
 
 
 def _spill_and_map(root: Path, manifest: dict[str, Any], schema: pa.Schema,
@@ -123,6 +124,7 @@ def load_cache_dataset(directory: str | Path, *, verify: bool = True,
     root = Path(directory)
     manifest = verify_cache(root, checksums=verify)
     files = [str(root / s["name"]) for s in manifest["shards"]]
+    features = vision_features() if "processor" in manifest else cache_features()
     return datasets.load_dataset("parquet", data_files={"train": files}, split="train",
-                                 features=cache_features(), cache_dir=cache_dir,
+                                 features=features, cache_dir=cache_dir,
                                  keep_in_memory=keep_in_memory)

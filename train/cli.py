@@ -44,6 +44,11 @@ HELP = {
                   "YAML serves both commands.",
     "eval_cache": "A second cache to evaluate on (metrics with an eval_ prefix).",
     "tokenizer": "Tokenizer if not the policy's; must match the cache's fingerprint.",
+    "freeze_vision_tower": "Vision-language policies: keep the vision tower's weights fixed "
+                           "(LLaMA-Factory's default).",
+    "freeze_multi_modal_projector": "Vision-language policies: keep the projector between "
+                                    "the vision tower and the language model fixed "
+                                    "(LLaMA-Factory's default).",
     "beta": "KTO beta: scale of the implicit reward.",
     "loss_type": "kto, or apo_zero_unpaired (no KL term).",
     "ftx_gamma": "Weight of the SFT term on desirable rows (LLaMA-Factory's pref_ftx).",

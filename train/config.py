@@ -72,6 +72,10 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_target_modules: str = "all-linear"
     merge_lora: bool = False
+    # vision-language policies (LLaMA-Factory's names and defaults): only the language
+    # model trains unless these are switched off
+    freeze_vision_tower: bool = True
+    freeze_multi_modal_projector: bool = True
 
     def __post_init__(self) -> None:
         if self.bf16 is None:  # resolved here, so train_config.json records what ran

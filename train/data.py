@@ -6,6 +6,7 @@ per batch."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from shared.cache import MANIFEST, verify_cache
 from shared.dataset import map_shards
 from shared.errors import CacheError, writing
 from shared.fingerprint import tokenizer_fingerprint
+from shared.vision import VISION_COLUMNS
 from train.packing import packed, padded
 
 log = logging.getLogger(__name__)
@@ -59,8 +61,9 @@ def open_cache(directory: str, tokenizer: Any, spill: Path,
     mine, theirs = tokenizer_fingerprint(tokenizer), manifest["tokenizer"]["fingerprint"]
     if mine != theirs:
         raise CacheError(tokenizer_mismatch(directory, manifest, mine, tokenizer_name))
+    columns = COLUMNS + (VISION_COLUMNS if "processor" in manifest else ())
     with writing(spill, where="TMPDIR"):
-        table = map_shards(directory, manifest, COLUMNS, spill)
+        table = map_shards(directory, manifest, columns, spill)
     lengths = (pc.list_value_length(table["prompt_ids"]).to_numpy()
                + pc.list_value_length(table["completion_ids"]).to_numpy())
     return CacheRows(table, manifest, lengths)
@@ -93,7 +96,9 @@ def check_eval_pairing(train: dict[str, Any], evaluation: dict[str, Any]) -> Non
     another baseline: its metrics would silently mean something else."""
     fields = (("reference model weights", ("reference_model", "fingerprint")),
               ("reference dtype", ("reference_model", "dtype")),
-              ("tokenizer", ("tokenizer", "fingerprint")))
+              ("tokenizer", ("tokenizer", "fingerprint")),
+              ("image processor", ("processor", "fingerprint")))
+    train, evaluation = _with_processor(train), _with_processor(evaluation)
     differ = [f"{name}: {train[a][b][:16]} (train) vs {evaluation[a][b][:16]} (eval)"
               for name, (a, b) in fields if train[a][b] != evaluation[a][b]]
     if differ:
@@ -101,6 +106,11 @@ def check_eval_pairing(train: dict[str, Any], evaluation: dict[str, Any]) -> Non
                          + "; ".join(differ) + "): its rewards would be measured against "
                          "another reference. Build both caches with the same --model and "
                          "--dtype in kto-precompute")
+
+
+def _with_processor(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A text cache compares as having the processor "none"."""
+    return {**manifest, "processor": manifest.get("processor", {"fingerprint": "none"})}
 
 
 def tokenizer_mismatch(directory: str, manifest: dict[str, Any], mine: str,
@@ -155,15 +165,20 @@ def micro_batch_rows(order: np.ndarray, step_in_epoch: int, micro: int, process:
     return order[start:start + per_device]
 
 
-def collate(rows: CacheRows, indices: np.ndarray, pad_id: int,
-            pack: bool = False) -> dict[str, Any]:
+def collate(rows: CacheRows, indices: np.ndarray, pad_id: int, pack: bool = False,
+            images: Callable[[list[Any]], dict[str, torch.Tensor]] | None = None
+            ) -> dict[str, Any]:
     """One micro-batch: its labels and reference values, and the target and KL
-    sequences in the layout the forward takes (``train.packing``)."""
+    sequences in the layout the forward takes (``train.packing``). ``images``: a
+    vision-language cache's image processing (``train.vision``); target and KL
+    sequences of a row share its prompt, so both get the same tensors."""
     batch = rows.table.take(pa.array(indices)).to_pydict()
+    pixels = images(batch["images"]) if images is not None else {}
 
     def layout(completions: list[list[int]]) -> dict[str, Any]:
-        return (packed(batch["prompt_ids"], completions) if pack
+        seqs = (packed(batch["prompt_ids"], completions) if pack
                 else padded(batch["prompt_ids"], completions, pad_id))
+        return {**seqs, **pixels}
 
     return {
         "ids": batch["id"],

@@ -7,6 +7,7 @@ import importlib.util
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from shared.files import refuse_links
 from train.checkpoint import remove_entry
 from train.config import TrainConfig
 from train.head import add_chunked_head
+from train.vision import freeze_vision_parts, lora_exclusions
 
 log = logging.getLogger(__name__)
 FINAL_STAGING = ".final-save.partial"
@@ -81,19 +83,25 @@ def disable_dropout(model: torch.nn.Module) -> None:
         model.config.attention_dropout = 0.0
 
 
-def load_policy(config: TrainConfig) -> torch.nn.Module:
+def load_policy(config: TrainConfig, vision: bool = False) -> torch.nn.Module:
     """The policy in --torch-dtype, dropout off, the chunked LM head added (train.head),
-    gradient checkpointing as asked, LoRA last (the head patch is on the base model)."""
-    from transformers import AutoModelForCausalLM
+    gradient checkpointing as asked, LoRA last (the head patch is on the base model).
+    ``vision``: a vision-language policy (its image-text-to-text class; the vision tower
+    and projector frozen as asked, train.vision)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     extra = ({"attn_implementation": config.attn_implementation}
              if config.attn_implementation else {})
+    auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            config.model, dtype=getattr(torch, config.torch_dtype), **extra)
+        model = auto.from_pretrained(config.model, dtype=getattr(torch, config.torch_dtype),
+                                     **extra)
     except (OSError, ValueError, ImportError) as err:
         raise ConfigError(f"cannot load the policy from {config.model!r}: {err}") from None
     disable_dropout(model)
+    if vision:
+        freeze_vision_parts(model, config.freeze_vision_tower,
+                            config.freeze_multi_modal_projector)
     add_chunked_head(model)
     if config.gradient_checkpointing:
         # non-reentrant: works with DDP's no_sync and with frozen inputs (LoRA)
@@ -125,9 +133,13 @@ def _with_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
     targets = config.lora_target_modules
+    skip = lora_exclusions(model) if hasattr(model.config, "vision_config") else []
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
                       lora_dropout=config.lora_dropout, task_type="CAUSAL_LM",
-                      target_modules=targets if targets == "all-linear" else targets.split(","))
+                      target_modules=targets if targets == "all-linear" else targets.split(","),
+                      # a vision-language policy: only the language model gets adapters
+                      exclude_modules=(f"(?:{'|'.join(map(re.escape, skip))})\\..*"
+                                       if skip else None))
     return get_peft_model(model, lora)
 
 
@@ -177,7 +189,8 @@ def class_balance_warning(counts: dict[str, Any], config: TrainConfig) -> str | 
     return msg
 
 
-def save_final(accelerator, model, tokenizer, config: TrainConfig, out: Path) -> None:
+def save_final(accelerator, model, tokenizer, config: TrainConfig, out: Path,
+               processor=None) -> None:
     """Weights + tokenizer in OUTPUT (LoRA: the adapters, and the merged model if asked).
     Saved into a hidden folder first, then moved into place file by file, none of them
     through a link planted in OUTPUT (a link where a file of the save belongs is refused
@@ -201,6 +214,8 @@ def save_final(accelerator, model, tokenizer, config: TrainConfig, out: Path) ->
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         tokenizer.save_pretrained(staging)
+        if processor is not None:  # a vision-language policy: its image settings too
+            processor.save_pretrained(staging)
         move_into_place(staging, out)
     accelerator.wait_for_everyone()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -57,6 +58,7 @@ from train.setup import (
     save_final,
 )
 from train.trackers import start_trackers, tracker_values
+from train.vision import batch_image_inputs, is_vision_cache, policy_processor
 
 log = logging.getLogger(__name__)
 Reference = Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]
@@ -153,6 +155,10 @@ class Trainer:
                 check_max_length(c.max_length, rows.manifest, where)
         if self.eval_rows is not None:
             check_eval_pairing(self.rows.manifest, self.eval_rows.manifest)
+        self.vision = is_vision_cache(self.rows.manifest)
+        # a vision-language cache: the policy's processor must be the cache's
+        self.processor = (policy_processor(self.rows.manifest, c.tokenizer or c.model, c.cache)
+                          if self.vision else None)
         if self.accelerator.is_main_process:
             class_balance_warning(self.rows.manifest["counts"], c)
         world = self.accelerator.num_processes
@@ -169,7 +175,7 @@ class Trainer:
                                 self.eval_rows.manifest if self.eval_rows else None, world)
         plan = plan_run(self.out, c, identity)  # before anything in --output changes
         check_weight_files(c.model)
-        model = load_policy(c)
+        model = load_policy(c, vision=self.vision)
         vocab = model.get_input_embeddings().num_embeddings
         check_token_ids(self.rows, vocab, f"--cache {c.cache}")
         if self.eval_rows is not None:
@@ -212,7 +218,11 @@ class Trainer:
         return self._orders[epoch]
 
     def _batch(self, rows: CacheRows, indices) -> dict[str, Any]:
-        return _to(collate(rows, indices, self.pad_id, self.pack), self.accelerator.device)
+        images = (functools.partial(batch_image_inputs, self.processor,
+                                    dtype=getattr(torch, self.config.torch_dtype))
+                  if self.vision else None)
+        return _to(collate(rows, indices, self.pad_id, self.pack, images),
+                   self.accelerator.device)
 
     def forward_loss(self, batch: dict[str, Any]) -> tuple[KTOLossOutput, torch.Tensor, int]:
         c, acc = self.config, self.accelerator
@@ -359,7 +369,8 @@ class Trainer:
     # ---- save and clean up ----------------------------------------------------------
     def save(self) -> None:
         with writing(self.out):
-            save_final(self.accelerator, self.model, self.tokenizer, self.config, self.out)
+            save_final(self.accelerator, self.model, self.tokenizer, self.config, self.out,
+                       self.processor)
 
     def cleanup(self) -> None:
         """Safe after a partial setup. An --output this run created and left empty (a
