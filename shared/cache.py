@@ -19,7 +19,7 @@ from shared.errors import CacheError
 from shared.files import atomic_write, atomic_write_text
 from shared.fingerprint import sha256_file
 from shared.manifest import REWRITE, cache_key_of, check_manifest, load_json_object, shard_name
-from shared.vision import VISION_COLUMNS, VISION_FIELDS, check_vision_rows
+from shared.vision import VISION_COLUMNS, VISION_FIELDS, check_vision_rows, images_digest
 
 __all__ = ["MANIFEST", "SCHEMA", "ShardInfo", "shard_name", "verify_cache", "write_shard"]
 MANIFEST = "manifest.json"
@@ -164,7 +164,16 @@ def check_cache_files(root: Path, manifest: dict[str, Any], checksums: bool = Tr
     processor = manifest.get("processor")  # a vision-language model's cache
     found = [_verify_shard(root, entry, manifest["cache_key"], checksums, processor)
              for entry in shards]
+    if processor is not None and checksums:
+        _check_images_digest(root, manifest, [h for f in found for h in f["image_sha256"]])
     _check_totals(root, manifest, _sum_found(found) if checksums else None)
+
+
+def _check_images_digest(root: Path, manifest: dict[str, Any], hashes: list[list[str]]) -> None:
+    """The rows' image hashes, in shard order, against the digest the cache key covers."""
+    if images_digest(hashes) != manifest["data"].get("images_sha256"):
+        raise CacheError(f"{root}: the shards' images are not the ones the manifest's cache key "
+                         f"records (data.images_sha256): images were replaced; {REBUILD}")
 
 
 def _sum_found(found: list[dict[str, Any]]) -> dict[str, int]:
@@ -231,17 +240,19 @@ def _verify_shard(root: Path, entry: dict[str, Any], cache_key: str, checksums: 
     if bad:
         raise CacheError(f"shard {name} holds non-finite reference log-probs ({bad} rows): "
                          f"damaged or edited; {REBUILD}")
+    hashes = None
     if vision:
-        problem = check_vision_rows(pq.read_table(path, columns=["prompt_ids", *VISION_COLUMNS]),
-                                    processor["image_token_id"])
+        images = pq.read_table(path, columns=["prompt_ids", *VISION_COLUMNS])
+        problem = check_vision_rows(images, processor["image_token_id"])
         if problem:
             raise CacheError(f"shard {name}: {problem}: damaged or edited; {REBUILD}")
+        hashes = images["image_sha256"].to_pylist()
     tokens = table_tokens(table)
     if tokens != entry["tokens"]:
         raise CacheError(f"shard {name} holds {tokens} tokens, manifest says {entry['tokens']}; "
                          f"{REBUILD}")
     return {"desirable": int(pc.sum(table["label"]).as_py() or 0),
-            "sources": table["source_index"].to_numpy()}
+            "sources": table["source_index"].to_numpy(), "image_sha256": hashes}
 
 
 def shard_infos(entries: list[ShardInfo]) -> list[dict[str, Any]]:

@@ -17,7 +17,8 @@ TEST_DATA = Path(os.environ.get("KTO_TEST_DATA")
                  or Path(__file__).resolve().parents[2] / "shared" / "data")
 KTO_DEMO = TEST_DATA / "kto_en_demo.json"
 DPO_DEMO = TEST_DATA / "dpo_en_demo.json"
-REAL_FILES = (KTO_DEMO, DPO_DEMO)
+MLLM_DEMO = TEST_DATA / "mllm_demo.json"  # with its images in mllm_demo_data/
+REAL_FILES = (KTO_DEMO, DPO_DEMO, MLLM_DEMO)
 
 
 def missing_test_data() -> str | None:
