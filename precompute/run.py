@@ -45,7 +45,13 @@ from shared.formats import parse_column_map
 from shared.lock import FolderLock
 from shared.manifest import check_manifest, load_json_object
 from shared.sources import check_model_source, removed_if_refused
-from shared.vision import images_digest, load_processor, processor_record, vision_spec
+from shared.vision import (
+    check_family,
+    images_digest,
+    load_processor,
+    processor_record,
+    vision_spec,
+)
 
 log = logging.getLogger(__name__)
 _SHARD = re.compile(r"^shard-(\d{5})-of-\d{5}\.parquet$")
@@ -95,7 +101,7 @@ def _run_locked(config: PrecomputeConfig, scorer: Scorer | None, out: Path,
         check_model_dir(model_dir, config.model)  # a config and weights: a second
     tokenizer = load_tokenizer(config.tokenizer_path)
     backend = resolve_backend(config.backend)
-    vision = vision_encoder(config.tokenizer_path)
+    vision = vision_encoder(config.tokenizer_path, config.model)
     if vision is not None and backend == "server":
         raise ConfigError(f"--model {config.model} is a vision-language model: --backend server "
                           "does not score images yet; use --backend vllm or hf")
@@ -115,12 +121,16 @@ def _run_locked(config: PrecomputeConfig, scorer: Scorer | None, out: Path,
         server.close()
 
 
-def vision_encoder(path: str) -> VisionEncoder | None:
-    """The processor of a vision-language model folder (None for a text model)."""
+def vision_encoder(path: str, model: str) -> VisionEncoder | None:
+    """The processor of a vision-language model (None for a text model): ``path`` holds
+    the processor (the tokenizer's folder), ``model`` the config."""
     processor = load_processor(path)
     if processor is None:
         return None
     spec = vision_spec(processor, path)
+    from transformers import AutoConfig
+
+    check_family(AutoConfig.from_pretrained(model), model)
     log.info("vision-language model: image token %r, image processor %s", spec.image_token,
              spec.settings["image_processor_class"])
     return VisionEncoder(processor, spec)

@@ -34,6 +34,8 @@ VISION_FIELDS = (
 VISION_COLUMNS = tuple(f.name for f in VISION_FIELDS)
 # Processor attributes that decide how many tokens an image becomes (LLaVA family, Qwen2-VL,
 # Gemma 3, Idefics3, ...): fingerprinted with the image processor's own settings.
+# model types whose positions come from the image grids (multimodal RoPE)
+MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen2_5_omni", "qwen3_vl", "qwen3_omni", "glm4v")
 _PROCESSOR_KEYS = ("patch_size", "num_additional_image_tokens", "vision_feature_select_strategy",
                    "image_token", "image_seq_length", "num_image_tokens", "merge_size")
 
@@ -280,3 +282,16 @@ def images_digest(hash_lists) -> str:
     for hashes in hash_lists:
         h.update((",".join(hashes or []) + "\n").encode())
     return h.hexdigest()
+
+
+def check_family(config: Any, path: str) -> None:
+    """Families whose positions depend on the images (Qwen2-VL's multimodal RoPE: the model
+    derives 3-D positions from the image grids) need positions both stages do not build
+    yet: refused rather than scored with the wrong positions."""
+    text = config.get_text_config()
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    mrope = isinstance(rope, Mapping) and "mrope_section" in rope
+    if mrope or str(getattr(config, "model_type", "")).startswith(MROPE_FAMILIES):
+        raise ConfigError(f"{path}: {config.model_type} uses multimodal rotary positions "
+                          "(mrope), which kto-cache does not build yet; LLaVA-style models "
+                          "are supported (docs/vision.md)")

@@ -414,3 +414,51 @@ def test_a_policy_with_another_processor_is_refused(vlm, vcache, tmp_path):
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "another image processor" in result.output and "48" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(vlm, vcache, tmp_path):
+    from train.cli import main
+
+    common = ["--model", str(vlm["policy"]), "--cache", str(vcache), "--learning-rate", "1e-3",
+              "--logging-steps", "1", "--max-steps", "3", "--no-bf16"]
+    one = CliRunner().invoke(main, [*common, "--per-device-train-batch-size", "4",
+                                    "--output", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
+         "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "-m", "train.cli", *common,
+         "--per-device-train-batch-size", "2", "--output", str(tmp_path / "two")],
+        capture_output=True, text=True, cwd=TESTS.parent, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_trajectories_close(read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one"),
+                              (*TRAJECTORY, "grad_norm"))
+    assert_weights_close(final_weights(tmp_path / "two"), final_weights(tmp_path / "one"))
+
+
+def test_packed_batches_equal_padded_ones(vlm, vcache, tmp_path):
+    """--padding-free: every row's image tokens in one packed row, the images in order."""
+    padded_m, padded_w = run_vision_training(vlm["policy"], vcache, tmp_path / "padded",
+                                             padding_free=False)
+    packed_m, packed_w = run_vision_training(vlm["policy"], vcache, tmp_path / "packed",
+                                             padding_free=True)
+    assert_trajectories_close(packed_m, padded_m, TRAJECTORY)
+    assert_weights_close(packed_w, padded_w)
+
+
+def test_without_gradient_checkpointing_the_steps_are_the_same(vlm, vcache, tmp_path):
+    on_m, on_w = run_vision_training(vlm["policy"], vcache, tmp_path / "on", max_steps=2)
+    off_m, off_w = run_vision_training(vlm["policy"], vcache, tmp_path / "off", max_steps=2,
+                                       gradient_checkpointing=False)
+    assert_trajectories_close(on_m, off_m, TRAJECTORY)
+    assert_weights_close(on_w, off_w)
+
+
+def test_multimodal_rope_families_are_refused_not_mispositioned():
+    from transformers import Qwen2VLConfig
+
+    from shared.errors import ConfigError
+    from shared.vision import check_family
+
+    with pytest.raises(ConfigError, match="multimodal rotary positions"):
+        check_family(Qwen2VLConfig(), "Qwen/Qwen2-VL-2B-Instruct")

@@ -15,6 +15,7 @@ import torch
 
 from shared.errors import ConfigError
 from shared.files import refuse_links
+from shared.vision import check_family
 from train.checkpoint import remove_entry
 from train.config import TrainConfig
 from train.head import add_chunked_head
@@ -100,6 +101,7 @@ def load_policy(config: TrainConfig, vision: bool = False) -> torch.nn.Module:
         raise ConfigError(f"cannot load the policy from {config.model!r}: {err}") from None
     disable_dropout(model)
     if vision:
+        check_family(model.config, config.model)
         freeze_vision_parts(model, config.freeze_vision_tower,
                             config.freeze_multi_modal_projector)
     add_chunked_head(model)
