@@ -42,12 +42,20 @@ def load_rows(path: Path):
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SystemExit(f"Error: --rows {path} line {n}: not JSON ({err.msg}); "
+                             "write the rows with benchmarks/vlm_rows.py") from None
         missing = [k for k in ("prompt", "completion", "label", "images") if k not in row]
         if missing:
             raise SystemExit(f"Error: --rows {path} line {n}: no {', '.join(missing)}; "
                              "write the rows with benchmarks/vlm_rows.py")
         row["images"] = [str(path.parent / p) for p in row["images"]]  # absolute stays
+        absent = [p for p in row["images"] if not Path(p).is_file()]
+        if absent:
+            raise SystemExit(f"Error: --rows {path} line {n}: images: no such file "
+                             f"{absent[0]}; fix the path (absolute, or relative to the file)")
         rows.append(row)
     if len(rows) < 2:
         raise SystemExit(f"Error: --rows {path}: {len(rows)} row(s); KTO needs at least 2")

@@ -35,6 +35,8 @@ from shared.tokenization import (
     truncate,
 )
 
+PLACEHOLDER = "<image>"  # LLaMA-Factory's, and the tiny LLaVA's image token
+
 
 def kto_records(conversations: list[dict], root: Path) -> list[dict]:
     """Desirable and undesirable rows (messages + label + absolute image paths)."""
@@ -49,6 +51,14 @@ def kto_records(conversations: list[dict], root: Path) -> list[dict]:
             raise SystemExit(f"Error: --data record {i}: the last message must be the "
                              "assistant's answer")
         images = [str((root / p).resolve()) for p in conv.get("images", [])]
+        placeholders = sum(m["content"].count(PLACEHOLDER) for m in messages[:-1])
+        if placeholders != len(images):
+            raise SystemExit(f"Error: --data record {i}: {placeholders} {PLACEHOLDER} "
+                             f"placeholder(s) in the prompt but {len(images)} image(s); "
+                             "give one image per placeholder")
+        absent = [p for p in images if not Path(p).is_file()]
+        if absent:
+            raise SystemExit(f"Error: --data record {i}: images: no such file {absent[0]}")
         other = conversations[(i + 1) % n]["messages"][-1]
         rows.append({"messages": messages, "label": True, "images": images})
         rows.append({"messages": [*messages[:-1], other], "label": False, "images": images})
