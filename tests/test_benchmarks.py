@@ -66,7 +66,8 @@ def test_gpu_tables_count_the_qwen2_they_build(tmp_path):
 
 @pytest.mark.parametrize("script", ["scoring.py", "train_step.py", "sweep.py", "scaling.py",
                                     "backends.py", "trl_kto.py", "padding.py",
-                                    "gpu_tables.py", "server.py"])
+                                    "gpu_tables.py", "server.py", "trl_vlm_kto.py",
+                                    "vlm_rows.py"])
 def test_benchmark_script_parses_its_arguments(script):
     out = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True,
                          text=True)
@@ -92,3 +93,57 @@ def test_model_shape_from_config_counts_a_saved_model_with_gqa_and_tied_embeddin
     head = model.get_output_embeddings().weight.numel()
     assert shape.parameters() == {"total": total, "non_embedding": total - embedding + head}
     assert shape.describe() == "m (2x96 Llama, vocabulary 320)"
+
+
+def test_trl_vision_collator_sees_exactly_the_ids_of_the_rows_we_write(tmp_path):
+    """vlm_rows renders rows so that TRL's own vision collator tokenizes them into our
+    ids (BOS from the chat template, EOS added as text, every <image> expanded), and
+    trl_vlm_kto's IdsCollator builds TRL's batch from those ids: same tensors as TRL's
+    collator, pixel values included, and KL sequences = own prompt + KL completion."""
+    import json
+
+    from transformers import AutoProcessor
+    from trl_vlm_kto import IdsCollator, check_batches, check_ids, load_rows
+    from vlm_rows import add_kl, encode_row, kto_records
+
+    from shared.tokenization import TokenizeOptions
+    from tests.tiny_vision import TOKENS_PER_IMAGE, random_image, save_tiny_llava
+
+    model = save_tiny_llava(tmp_path / "llava")
+    for i in range(3):
+        random_image(i, width=40 + 8 * i).save(tmp_path / f"{i}.png")
+    ask = [{"role": "user", "content": "<image>What is this?"},
+           {"role": "assistant", "content": "A picture of noise."}]
+    conversations = [
+        {"messages": ask, "images": ["0.png"]},
+        {"messages": [*ask, {"role": "user", "content": "And this one?<image>"},
+                      {"role": "assistant", "content": "More noise, in other colours."}],
+         "images": ["1.png", "2.png"]},
+        {"messages": [{"role": "user", "content": "Two: <image> and <image>."},
+                      {"role": "assistant", "content": "Both grey."}],
+         "images": ["2.png", "0.png"]}]
+    records = kto_records(conversations, tmp_path)
+    processor = AutoProcessor.from_pretrained(model)
+    rows = add_kl([encode_row(r, i, processor, TokenizeOptions(max_length=1024))
+                   for i, r in enumerate(records)], seed=42, max_length=1024)
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids("<image>")
+    for row, record in zip(rows, records, strict=True):
+        assert row["prompt_ids"][0] == tok.bos_token_id
+        assert row["completion_ids"][-1] == tok.eos_token_id
+        assert row["prompt_ids"].count(image_id) == TOKENS_PER_IMAGE * len(record["images"])
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dataset = load_rows(tmp_path / "rows.jsonl")
+
+    assert check_ids(dataset, processor) == {"rows": 6, "ids_differ": [],
+                                             "completion_mask_differs": []}
+    assert check_batches(dataset, processor, batch_size=3) == {"batches": 2, "differ": {}}
+    batch = IdsCollator(processor.image_processor, tok.pad_token_id)([dataset[i] for i in range(3)])
+    for i in range(3):
+        row = dataset[i]
+        kl = row["prompt_ids"] + row["kl_completion_ids"]
+        n = len(kl)
+        assert batch["KL_input_ids"][i, :n].tolist() == kl
+        assert batch["KL_attention_mask"][i].sum().item() == n
+        assert batch["KL_completion_mask"][i].tolist()[:n] == (
+            [0] * len(row["prompt_ids"]) + [1] * len(row["kl_completion_ids"]))
