@@ -31,7 +31,9 @@ from shared.vision import (
     check_placeholders,
     encode_completion,
     expand_prompt,
-    image_token_count,
+    image_offsets,
+    image_span,
+    placeholder_prompt,
     render_vision_texts,
     truncate_vision,
 )
@@ -41,12 +43,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class VisionEncoder:
-    """The processor and what an encoding run learns: tokens per image, by SHA-256 (one
-    image that serves many rows is measured once)."""
+    """The processor and what an encoding run learns: the tokens each image becomes, by
+    SHA-256 (one image that serves many rows is expanded once)."""
 
     processor: Any
     spec: VisionSpec
-    tokens_by_image: dict[str, int] = field(default_factory=dict)
+    span_by_image: dict[str, list[int]] = field(default_factory=dict)
 
     def row_schema(self, base: pa.Schema) -> pa.Schema:
         return pa.schema([*base, *VISION_FIELDS])
@@ -70,32 +72,37 @@ def encode_vision_example(ex: Example, ref: RecordRef, tokenizer: Any, enc: Visi
     pictures = [decode(s.data) for s in stored]
     bos, _ = special_ids(tokenizer)
     prompt_ids = expand_prompt(enc.processor, prompt_text, pictures, bos)
-    counts = [_tokens_for(enc, s, p) for s, p in zip(stored, pictures, strict=True)]
-    if prompt_ids.count(enc.spec.image_token_id) != sum(counts):
-        raise ref.error("images", "image tokens do not add up",
-                        "as many image tokens in the prompt as its images expand to",
-                        f"{prompt_ids.count(enc.spec.image_token_id)} vs {sum(counts)}")
+    spans = [_span_of(enc, s, p) for s, p in zip(stored, pictures, strict=True)]
+    try:
+        offsets = image_offsets(placeholder_prompt(tokenizer, prompt_text, bos), prompt_ids,
+                                enc.spec.image_token_id, spans)
+    except ValueError as err:
+        raise ref.error("images", "image expansion not understood",
+                        "a processor that expands each placeholder into one span of tokens",
+                        str(err)) from None
     completion_ids = encode_completion(tokenizer, completion_text)
-    p_ids, c_ids = truncate_vision(prompt_ids, completion_ids, opts, enc.spec.image_token_id,
-                                   ref)
+    lengths = [len(s) for s in spans]
+    p_ids, c_ids, offsets = truncate_vision(prompt_ids, completion_ids, offsets, lengths,
+                                            opts, ref)
     err = check_lengths(p_ids, c_ids, ref, opts)
     if err is not None:
         raise err
     row = TokenizedRow(row_id(ex), ex.source_index, ex.label, p_ids, c_ids)
-    return row, vision_columns(stored, counts)
+    return row, vision_columns(stored, offsets, lengths)
 
 
-def _tokens_for(enc: VisionEncoder, image: StoredImage, picture: Any) -> int:
-    if image.sha256 not in enc.tokens_by_image:
-        enc.tokens_by_image[image.sha256] = image_token_count(enc.processor, picture,
-                                                              enc.spec.image_token_id)
-    return enc.tokens_by_image[image.sha256]
+def _span_of(enc: VisionEncoder, image: StoredImage, picture: Any) -> list[int]:
+    if image.sha256 not in enc.span_by_image:
+        enc.span_by_image[image.sha256] = image_span(enc.processor, picture)
+    return enc.span_by_image[image.sha256]
 
 
-def vision_columns(stored: list[StoredImage], counts: list[int]) -> dict[str, Any]:
+def vision_columns(stored: list[StoredImage], offsets: list[int],
+                   lengths: list[int]) -> dict[str, Any]:
     """No path back to the source data: the bytes are the image."""
     return {"images": [{"bytes": s.data, "path": None} for s in stored],
-            "image_sha256": [s.sha256 for s in stored], "image_tokens": counts}
+            "image_sha256": [s.sha256 for s in stored], "image_offsets": offsets,
+            "image_tokens": lengths}
 
 
 def encode_vision_chunk(pending: list[tuple[Example, RecordRef]], tokenizer: Any,

@@ -59,10 +59,11 @@ def pair_shard(rows: pa.Table, shard_index: int, seed: int, max_length: int) -> 
     })
 
 
-def row_images(table: pa.Table) -> list[tuple[list[bytes], list[int]]]:
-    """Per row: its images' encoded bytes and how many tokens each became."""
-    return [([i["bytes"] for i in images], counts) for images, counts in
-            zip(table["images"].to_pylist(), table["image_tokens"].to_pylist(), strict=True)]
+def row_images(table: pa.Table) -> list[tuple[list[bytes], list[int], list[int]]]:
+    """Per row: its images' encoded bytes and their spans (offsets, lengths) in the prompt."""
+    return list(zip([[i["bytes"] for i in images] for images in table["images"].to_pylist()],
+                    table["image_offsets"].to_pylist(), table["image_tokens"].to_pylist(),
+                    strict=True))
 
 
 def score_shard(rows: pa.Table, shard_index: int, seed: int, max_length: int,

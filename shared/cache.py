@@ -83,6 +83,7 @@ def vision_features():
     features = datasets.Features.from_arrow_schema(SCHEMA)
     features["images"] = datasets.List(datasets.Image())
     features["image_sha256"] = datasets.List(datasets.Value("string"))
+    features["image_offsets"] = datasets.List(datasets.Value("int32"))
     features["image_tokens"] = datasets.List(datasets.Value("int32"))
     return features
 

@@ -39,8 +39,9 @@ COLUMN_MEANINGS = {
     "images": "the row's images, encoded as read (PNG for decoded ones); image i is the "
               "i-th image span of `prompt_ids`",
     "image_sha256": "SHA-256 of each image's bytes",
+    "image_offsets": "where each image's tokens start in `prompt_ids`",
     "image_tokens": "how many `prompt_ids` tokens each image became (the processor's "
-                    "expansion)",
+                    "expansion: image tokens and the family's markers around them)",
 }
 _SIZES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
           (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"))

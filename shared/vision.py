@@ -24,11 +24,14 @@ from shared.formats import IMAGE_MARKER, Example, RecordRef
 from shared.tokenization import TokenizeOptions, special_ids, truncate
 
 log = logging.getLogger(__name__)
-# The columns a vision row adds to the cache schema (image i of a row: images[i],
-# image_sha256[i], image_tokens[i] = the number of prompt tokens it became).
+# The columns a vision row adds to the cache schema. Image i of a row: images[i],
+# image_sha256[i], and its span of the prompt: the image_tokens[i] tokens from
+# prompt_ids[image_offsets[i]] on are what its placeholder became (image tokens and the
+# family's wrappers around them: row/column markers, begin/end of image).
 VISION_FIELDS = (
     pa.field("images", pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))),
     pa.field("image_sha256", pa.list_(pa.string())),
+    pa.field("image_offsets", pa.list_(pa.int32())),
     pa.field("image_tokens", pa.list_(pa.int32())),
 )
 VISION_COLUMNS = tuple(f.name for f in VISION_FIELDS)
@@ -186,15 +189,43 @@ def expand_prompt(processor: Any, prompt_text: str, images: list[Any],
     ``shared.tokenization.encode_texts`` does."""
     ids = processor(text=[prompt_text], images=images or None,
                     add_special_tokens=False)["input_ids"][0]
-    ids = [int(i) for i in ids]
+    return _with_bos([int(i) for i in ids], bos)
+
+
+def placeholder_prompt(tokenizer: Any, prompt_text: str, bos: int | None) -> list[int]:
+    """The same prompt with one placeholder token per image (nothing expanded)."""
+    return _with_bos(tokenizer(prompt_text, add_special_tokens=False)["input_ids"], bos)
+
+
+def _with_bos(ids: list[int], bos: int | None) -> list[int]:
     return ids if bos is None or ids[:1] == [bos] else [bos, *ids]
 
 
-def image_token_count(processor: Any, image: Any, token_id: int) -> int:
-    """How many prompt tokens one image becomes."""
+def image_span(processor: Any, image: Any) -> list[int]:
+    """The tokens one image's placeholder becomes."""
     ids = processor(text=[processor.image_token], images=[image],
                     add_special_tokens=False)["input_ids"][0]
-    return sum(1 for i in ids if int(i) == token_id)
+    return [int(i) for i in ids]
+
+
+def image_offsets(placeholders: Sequence[int], expanded: Sequence[int], token_id: int,
+                  spans: Sequence[Sequence[int]]) -> list[int]:
+    """Where each image's span starts in ``expanded``, checked: ``placeholders`` with its
+    k-th placeholder token replaced by ``spans[k]`` must be exactly ``expanded``. ValueError
+    otherwise (a processor that expands some other way)."""
+    offsets, rebuilt, k = [], [], 0
+    for t in placeholders:
+        if t == token_id:
+            if k >= len(spans):
+                raise ValueError(f"more placeholders than the {len(spans)} images")
+            offsets.append(len(rebuilt))
+            rebuilt.extend(spans[k])
+            k += 1
+        else:
+            rebuilt.append(int(t))
+    if k != len(spans) or rebuilt != list(expanded):
+        raise ValueError("the processor's expansion is not one span per placeholder")
+    return offsets
 
 
 def encode_completion(tokenizer: Any, completion_text: str) -> list[int]:
@@ -203,43 +234,58 @@ def encode_completion(tokenizer: Any, completion_text: str) -> list[int]:
     return ids if ids[-1:] == [eos] else [*ids, eos]
 
 
-def truncate_vision(prompt_ids: list[int], completion_ids: list[int], opts: TokenizeOptions,
-                    token_id: int, ref: RecordRef) -> tuple[list[int], list[int]]:
-    """TRL's truncation, refused where it would cut into or drop an image's tokens (the
-    row would hold a part of an image the pixels no longer match)."""
+def truncate_vision(prompt_ids: list[int], completion_ids: list[int], offsets: list[int],
+                    lengths: list[int], opts: TokenizeOptions,
+                    ref: RecordRef) -> tuple[list[int], list[int], list[int]]:
+    """TRL's truncation, refused where it would cut into or drop an image's span (the
+    row would hold a part of an image the pixels no longer match); returns the offsets
+    in the truncated prompt."""
     p, c = truncate(prompt_ids, completion_ids, opts)
-    if p.count(token_id) != prompt_ids.count(token_id):
+    cut = len(prompt_ids) - len(p) if opts.truncation_mode == "keep_end" else 0
+    moved = [o - cut for o in offsets]
+    if any(o < 0 or o + n > len(p) for o, n in zip(moved, lengths, strict=True)):
         raise InputError(ref.path, ref.index, "images", "truncation would cut an image",
-                         f"a prompt whose image tokens fit in --max-prompt-length "
+                         f"a prompt whose images fit in --max-prompt-length "
                          f"{opts.max_prompt_length} (--max-length {opts.max_length})",
-                         f"{len(prompt_ids)} prompt tokens, {prompt_ids.count(token_id)} of "
-                         "them image tokens",
+                         f"{len(prompt_ids)} prompt tokens, {sum(lengths)} of them images'",
                          fix="Raise --max-length / --max-prompt-length, shorten the prompt, "
                          "or pass --skip-invalid to leave such records out.")
-    return p, c
+    return p, c, moved
 
 
-def collapse_images(prompt_ids: Sequence[int], image_tokens: Sequence[int],
-                    token_id: int) -> list[int]:
+def collapse_images(prompt_ids: Sequence[int], offsets: Sequence[int],
+                    lengths: Sequence[int], token_id: int) -> list[int]:
     """The prompt with one placeholder per image, as vLLM takes it (vLLM expands each
-    placeholder itself). ``image_tokens[i]``: how many tokens image i became."""
+    placeholder itself): image i's span replaced by the placeholder token."""
+    check_spans(prompt_ids, offsets, lengths, token_id)
     out: list[int] = []
-    i, k = 0, 0
-    while i < len(prompt_ids):
-        if prompt_ids[i] == token_id:
-            if k >= len(image_tokens):
-                raise ValueError("more image tokens than the row's images account for")
-            span = image_tokens[k]
-            if any(t != token_id for t in prompt_ids[i:i + span]) or i + span > len(prompt_ids):
-                raise ValueError(f"image {k}'s {span} tokens are not contiguous")
-            out.append(token_id)
-            i, k = i + span, k + 1
-        else:
-            out.append(int(prompt_ids[i]))
-            i += 1
-    if k != len(image_tokens):
-        raise ValueError(f"{len(image_tokens)} images but {k} image spans")
+    at = 0
+    for o, n in zip(offsets, lengths, strict=True):
+        out.extend(int(t) for t in prompt_ids[at:o])
+        out.append(token_id)
+        at = o + n
+    out.extend(int(t) for t in prompt_ids[at:])
     return out
+
+
+def check_spans(prompt_ids: Sequence[int], offsets: Sequence[int], lengths: Sequence[int],
+                token_id: int) -> None:
+    """Spans in order, inside the prompt, apart, each holding image tokens, and no image
+    token outside them. ValueError naming what is wrong."""
+    if len(offsets) != len(lengths):
+        raise ValueError(f"{len(offsets)} image offsets but {len(lengths)} lengths")
+    at, inside = 0, 0
+    for i, (o, n) in enumerate(zip(offsets, lengths, strict=True)):
+        if o < at or n < 1 or o + n > len(prompt_ids):
+            raise ValueError(f"image {i}'s span [{o}, {o + n}) is out of order or outside the "
+                             f"{len(prompt_ids)}-token prompt")
+        count = sum(1 for t in prompt_ids[o:o + n] if t == token_id)
+        if count == 0:
+            raise ValueError(f"image {i}'s span holds no image token")
+        inside += count
+        at = o + n
+    if sum(1 for t in prompt_ids if t == token_id) != inside:
+        raise ValueError("image tokens outside the images' spans")
 
 
 def image_inputs(processor: Any, images: list[Any]) -> dict[str, Any]:
@@ -252,14 +298,14 @@ def image_inputs(processor: Any, images: list[Any]) -> dict[str, Any]:
 
 def check_vision_rows(table: pa.Table, image_token_id: int) -> str | None:
     """What is wrong with a shard's vision columns (None when nothing): every image's bytes
-    must hash to its recorded SHA-256, and each row's prompt must hold exactly the image
-    tokens its images account for, in contiguous spans."""
+    must hash to its recorded SHA-256, and each row's image spans must be well formed
+    (``check_spans``)."""
     import hashlib
 
     columns = table.to_pydict()
-    for r, (prompt, images, hashes, counts) in enumerate(zip(
+    for r, (prompt, images, hashes, offsets, counts) in enumerate(zip(
             columns["prompt_ids"], columns["images"], columns["image_sha256"],
-            columns["image_tokens"], strict=True)):
+            columns["image_offsets"], columns["image_tokens"], strict=True)):
         if not len(images) == len(hashes) == len(counts):
             return f"row {r} lists {len(images)} images, {len(hashes)} hashes, {len(counts)} counts"
         for i, (image, digest) in enumerate(zip(images, hashes, strict=True)):
@@ -268,7 +314,7 @@ def check_vision_rows(table: pa.Table, image_token_id: int) -> str | None:
             if hashlib.sha256(image["bytes"]).hexdigest() != digest:
                 return f"row {r} image {i}'s bytes do not match its SHA-256"
         try:
-            collapse_images(prompt, counts, image_token_id)
+            check_spans(prompt, offsets, counts, image_token_id)
         except ValueError as err:
             return f"row {r}: {err}"
     return None

@@ -23,7 +23,8 @@ from shared.images import decode
 from shared.vision import image_inputs
 
 log = logging.getLogger(__name__)
-RowImages = tuple[list[bytes], list[int]]  # a row's image bytes, tokens per image
+# a row's image bytes and their spans in the prompt (offsets, lengths)
+RowImages = tuple[list[bytes], list[int], list[int]]
 
 
 class HFVisionScorer(HFScorer):
@@ -48,7 +49,7 @@ class HFVisionScorer(HFScorer):
 
     def _pixels(self, images: Sequence[RowImages]) -> dict[str, torch.Tensor]:
         """The image processor's tensors for the batch's images, in prompt order."""
-        pictures = [decode(data) for row, _ in images for data in row]
+        pictures = [decode(data) for row, _, _ in images for data in row]
         dtype = self.model.dtype
         return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
                 for k, v in image_inputs(self.processor, pictures).items()}
