@@ -4,7 +4,9 @@ Builds the tiny random Idefics3 of tests/tiny_vision_vllm.py, then for a few pro
 1-2 random images (different sizes) scores prompt + completion with vLLM (token-id prompt
 holding ONE ``<image>`` placeholder per image, ``multi_modal_data``) and with transformers
 float32 on the HF processor's expanded ids + pixel values, one sequence at a time, and
-prints lengths, completion log-prob sums, their max |diff| and timings.
+prints lengths, completion log-prob sums, their max |diff| and timings, then what vLLM
+does with prompts whose placeholders do not match their images. Exit status 0 only when
+vLLM's expanded ids equal the HF processor's and every sum agrees within TOLERANCE.
 
     cd REPO && PYTHONPATH=$PWD VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=0-1 \\
         python tests/vllm_vision_probe.py [--skip-tokenizer-init] [--model-dir DIR]
@@ -87,6 +89,31 @@ def hf_scores(model_dir: Path, rows: list[dict]) -> tuple[list[float], float, fl
     return sums, seconds, abs(mirrored - sums[0])
 
 
+def edge_cases(llm, params, rows: list[dict], image_token_id: int) -> list[str]:
+    """What vLLM does with prompts whose placeholders do not match their images."""
+    row, extra = rows[0], random_image((50, 50), 7)
+    one = row["vllm_ids"]
+    first = one.index(image_token_id)
+    padded = one + [one[-1]] * (511 - len(one))  # 511 ids: fits before expansion, not after
+    cases = {
+        "already-expanded ids + its image": (row["hf_ids"], row["images"]),
+        "2 placeholders + 1 image": (one[:first] + [image_token_id] + one[first:], row["images"]),
+        "1 placeholder + 2 images": (one, [*row["images"], extra]),
+        "0 placeholders + 1 image": (one[:first] + one[first + 1:], row["images"]),
+        "511 ids + 1 image (max_model_len 512)": (padded, row["images"]),
+    }
+    lines = []
+    for name, (ids, images) in cases.items():
+        prompt = {"prompt_token_ids": ids, "multi_modal_data": {"image": images}}
+        try:
+            out = list(llm.generate([prompt], params, use_tqdm=False)[0].prompt_token_ids)
+            lines.append(f"{name}: accepted: {len(ids)} ids ({ids.count(image_token_id)} <image>)"
+                         f" -> {len(out)} prompt_token_ids ({out.count(image_token_id)} <image>)")
+        except Exception as exc:  # noqa: BLE001 - a probe reports whatever vLLM raises
+            lines.append(f"{name}: {type(exc).__name__}: {str(exc)[:160]}")
+    return lines
+
+
 def vllm_scores(model_dir: Path, rows: list[dict], skip_tokenizer_init: bool,
                 image_token_id: int) -> dict:
     from vllm import LLM, SamplingParams
@@ -114,17 +141,7 @@ def vllm_scores(model_dir: Path, rows: list[dict], skip_tokenizer_init: bool,
         result["per_token"].append(values)
         result["lengths"].append((len(out.prompt_logprobs), len(out.prompt_token_ids)))
         result["expanded_ids"].append(list(out.prompt_token_ids))
-    # An already-expanded prompt: what does vLLM do with it?
-    try:
-        expanded = {"prompt_token_ids": rows[0]["hf_ids"],
-                    "multi_modal_data": {"image": rows[0]["images"]}}
-        again = llm.generate([expanded], params, use_tqdm=False)
-        ids = list(again[0].prompt_token_ids)
-        result["expanded_again"] = (
-            f"accepted: {len(rows[0]['hf_ids'])} ids in ({rows[0]['hf_ids'].count(image_token_id)} "
-            f"<image>) -> {len(ids)} prompt_token_ids ({ids.count(image_token_id)} <image>)")
-    except Exception as exc:  # noqa: BLE001 - a probe reports whatever vLLM raises
-        result["expanded_again"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    result["edge_cases"] = edge_cases(llm, params, rows, image_token_id)
     t2 = time.perf_counter()
     del llm
     gc.collect()
@@ -168,7 +185,8 @@ def main() -> None:
                   f"vllm {v['sums'][i]:.6f} hf {hf_sums[i]:.6f} |diff| {diff:.2e}")
         print(f"max |diff| of completion sums: {worst:.2e}")
         print(f"row 0's HF sum moves by {image_effect:.3f} when its image is mirrored")
-        print(f"already-expanded prompt with its images: {v['expanded_again']}")
+        for line in v["edge_cases"]:
+            print(f"edge case: {line}")
         print(f"timings: vLLM engine start {v['start_s']:.1f} s, vLLM scoring {len(rows)} rows "
               f"{v['score_s']:.2f} s (again, warm: {v['rescore_s']:.2f} s), "
               f"shutdown {v['shutdown_s']:.1f} s, HF fp32 scoring {hf_s:.2f} s")
