@@ -288,7 +288,8 @@ def _start_scorer(config: PrecomputeConfig, backend: str, rows: pa.Table,
     if vision is not None:
         from precompute.scoring.vision import make_vision_scorer
 
-        return make_vision_scorer(backend, config, vision, longest)
+        most = pc.max(pc.list_value_length(rows["image_sha256"])).as_py() or 0
+        return make_vision_scorer(backend, config, vision, longest, most)
     return make_scorer(backend, config.model, config.dtype, batch_tokens=config.batch_tokens,
                        max_model_len=longest + 1,  # vLLM scores at most max_model_len - 1
                        tensor_parallel_size=config.tensor_parallel_size,

@@ -294,6 +294,16 @@ def test_hf_scores_equal_a_naive_oracle(vlm, vcache):
 def test_llama_factory_mllm_demo_end_to_end(vlm, tmp_path):
     """LLaMA-Factory's multimodal demo as it is (relative paths, two images per record in
     some, real JPEGs), with undesirable rows made from another conversation's answer."""
+    path = kto_mllm_demo(tmp_path)
+    build_cache(vlm["reference"], [path], tmp_path / "cache")
+    manifest, table = read_cache(tmp_path / "cache")
+    assert table.num_rows == 12 and manifest["images"]["distinct"] == 3
+    check_against_oracle(vlm["reference"], tmp_path / "cache")
+
+
+def kto_mllm_demo(folder: Path) -> Path:
+    """``mllm_demo.json`` with labels: each conversation desirable, and once more with the
+    next conversation's answer, undesirable; the images beside it as in the original."""
     records = json.loads(MLLM_DEMO.read_text())
     kto = []
     for i, r in enumerate(records):
@@ -301,13 +311,10 @@ def test_llama_factory_mllm_demo_end_to_end(vlm, tmp_path):
         kto.append({**r, "label": True})
         kto.append({"messages": r["messages"][:-1] + [{"role": "assistant", "content": other}],
                     "images": r["images"], "label": False})
-    path = tmp_path / "kto_mllm.json"
+    path = folder / "kto_mllm.json"
     path.write_text(json.dumps(kto))
-    os.symlink(MLLM_DEMO.parent / "mllm_demo_data", tmp_path / "mllm_demo_data")
-    build_cache(vlm["reference"], [path], tmp_path / "cache")
-    manifest, table = read_cache(tmp_path / "cache")
-    assert table.num_rows == 12 and manifest["images"]["distinct"] == 3
-    check_against_oracle(vlm["reference"], tmp_path / "cache")
+    os.symlink(MLLM_DEMO.parent / "mllm_demo_data", folder / "mllm_demo_data")
+    return path
 
 
 # ---- training ------------------------------------------------------------------------------
@@ -328,28 +335,41 @@ def run_vision_training(policy: Path, cache: Path, output: Path, reference=None,
     return read_metrics(output), final_weights(output)
 
 
-def test_training_from_the_cache_equals_a_live_reference(vlm, vcache, tmp_path):
+LAYOUT_KEYS = ("input_ids", "attention_mask", "position_ids", "score_mask", "seq_index",
+               "num_seqs")
+
+
+@pytest.mark.parametrize("family", ["llava", "idefics3"])
+def test_training_from_the_cache_equals_a_live_reference(vlm, vcache, tmp_path, family):
     """Every step's loss, KL estimate and rewards, and the final weights, with the
     reference log-probs from the cache and from a live reference model fed the batch's own
-    pixel values."""
+    image tensors (Idefics3: pixel values and pixel attention mask)."""
     from transformers import AutoModelForImageTextToText
 
     from shared.logprobs import sequence_logps
 
-    ref_model = AutoModelForImageTextToText.from_pretrained(vlm["reference"],
+    reference, policy, cache = vlm["reference"], vlm["policy"], vcache
+    if family == "idefics3":
+        from tiny_vision import save_tiny_idefics3
+
+        reference = save_tiny_idefics3(tmp_path / "reference", seed=0)
+        policy = save_tiny_idefics3(tmp_path / "policy", seed=1)
+        cache = tmp_path / "cache"
+        build_cache(reference, [vlm["root"] / "factory.json"], cache, shard_size=8)
+    ref_model = AutoModelForImageTextToText.from_pretrained(reference,
                                                             dtype=torch.float32).eval()
 
     @torch.no_grad()
     def live(batch):
         def logps(seqs):
+            images = {k: v for k, v in seqs.items() if k not in LAYOUT_KEYS}
             logits = ref_model(input_ids=seqs["input_ids"], attention_mask=seqs["attention_mask"],
-                               position_ids=seqs["position_ids"],
-                               pixel_values=seqs["pixel_values"]).logits
+                               position_ids=seqs["position_ids"], **images).logits
             return sequence_logps(logits, seqs["input_ids"], seqs["score_mask"].long()).double()
         return logps(batch["target"]), logps(batch["kl"])
 
-    cached_m, cached_w = run_vision_training(vlm["policy"], vcache, tmp_path / "cached")
-    live_m, live_w = run_vision_training(vlm["policy"], vcache, tmp_path / "live", reference=live)
+    cached_m, cached_w = run_vision_training(policy, cache, tmp_path / "cached")
+    live_m, live_w = run_vision_training(policy, cache, tmp_path / "live", reference=live)
     assert len(cached_m) == 4
     assert_trajectories_close(cached_m, live_m, TRAJECTORY)
     assert abs(cached_m[0]["rewards/chosen"]) > 1e-2  # the policy differs from the reference

@@ -89,3 +89,12 @@ if __name__ == "__main__":  # python -m tests.tiny_vision DIR
     import sys
 
     print(save_tiny_llava(Path(sys.argv[1])))
+
+
+def save_tiny_idefics3(directory: Path, seed: int = 0) -> Path:
+    """A tiny Idefics3 (tiny_vision_vllm) with the tests' vision tokenizer and its template:
+    a family whose vLLM module loads on the CPU build, wrapping each image's 16 tokens in
+    markers (19 tokens per image)."""
+    from tests.tiny_vision_vllm import save_tiny_vlm_idefics3
+
+    return save_tiny_vlm_idefics3(directory, build_vision_tokenizer(), seed=seed)

@@ -55,8 +55,10 @@ class HFVisionScorer(HFScorer):
                 for k, v in image_inputs(self.processor, pictures).items()}
 
 
-def make_vision_scorer(backend: str, config, vision: VisionEncoder, longest: int):
-    """The scorer of ``backend`` for a vision-language reference."""
+def make_vision_scorer(backend: str, config, vision: VisionEncoder, longest: int,
+                       max_images: int = 1):
+    """The scorer of ``backend`` for a vision-language reference (``max_images``: the most
+    images one row holds)."""
     if backend == "hf":
         return HFVisionScorer(config.model, vision.processor, config.dtype, config.batch_tokens,
                               max_length=longest)
@@ -66,6 +68,7 @@ def make_vision_scorer(backend: str, config, vision: VisionEncoder, longest: int
                               "'kto-cache[gpu]' or '[cpu]'), or use --backend hf")
         from precompute.scoring.vllm_vision import VLLMVisionScorer
 
-        return VLLMVisionScorer(config, vision.spec, max_model_len=longest + 1)
+        return VLLMVisionScorer(config, vision.spec, max_model_len=longest + 1,
+                                max_images=max_images)
     raise ConfigError(f"--backend {backend} does not score vision-language models; use hf or "
                       "vllm")

@@ -97,7 +97,10 @@ class VLLMScorer:
 
     def __init__(self, model_path: str, dtype: str, *, max_model_len: int,
                  tensor_parallel_size: int, gpu_memory_utilization: float,
-                 cpu_kv_cache_gib: float, seed: int, max_num_batched_tokens: int | None = None):
+                 cpu_kv_cache_gib: float, seed: int, max_num_batched_tokens: int | None = None,
+                 engine_args: dict[str, Any] | None = None):
+        """``engine_args``: more ``LLM`` arguments, or other values for these (the vision
+        scorer's tokenizer and per-prompt image limit)."""
         on_cpu = _on_cpu()
         if on_cpu:
             for key, value in cpu_env_defaults(cpu_kv_cache_gib).items():
@@ -110,16 +113,17 @@ class VLLMScorer:
         from vllm import LLM
 
         logging.getLogger("vllm.renderers.base").addFilter(_drop_warmup_noise)
-        extra = ({"max_num_batched_tokens": max_num_batched_tokens}
-                 if max_num_batched_tokens else {})
+        args = {"skip_tokenizer_init": True, "dtype": dtype,
+                "tensor_parallel_size": tensor_parallel_size,
+                "gpu_memory_utilization": gpu_memory_utilization,
+                "enable_prefix_caching": False, "max_model_len": max_model_len, "seed": seed,
+                # eager on CPU: 15 s start vs 40 s compiled; on GPUs CUDA graphs and
+                # torch.compile stay on (vLLM's defaults)
+                "enforce_eager": on_cpu,
+                **({"max_num_batched_tokens": max_num_batched_tokens}
+                   if max_num_batched_tokens else {}), **(engine_args or {})}
         try:
-            # eager on CPU: 15 s start vs 40 s compiled; on GPUs CUDA graphs and
-            # torch.compile stay on (vLLM's defaults)
-            self.llm = LLM(model=model_path, skip_tokenizer_init=True, dtype=dtype,
-                           tensor_parallel_size=tensor_parallel_size,
-                           gpu_memory_utilization=gpu_memory_utilization,
-                           enable_prefix_caching=False, max_model_len=max_model_len,
-                           seed=seed, enforce_eager=on_cpu, **extra)
+            self.llm = LLM(model=model_path, **args)
         except ValueError as err:  # vLLM reports bad settings (e.g. max_model_len) this way
             raise ConfigError(f"vLLM could not start on {model_path}: {err}") from None
         self.selected = self._selected_api_available()
