@@ -67,7 +67,8 @@ def test_gpu_tables_count_the_qwen2_they_build(tmp_path):
 @pytest.mark.parametrize("script", ["scoring.py", "train_step.py", "sweep.py", "scaling.py",
                                     "backends.py", "trl_kto.py", "padding.py",
                                     "gpu_tables.py", "server.py", "trl_vlm_kto.py",
-                                    "vlm_rows.py", "vlm_train_step.py"])
+                                    "vlm_rows.py", "vlm_train_step.py",
+                                    "vlm_agreement.py"])
 def test_benchmark_script_parses_its_arguments(script):
     out = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True,
                          text=True)
