@@ -52,8 +52,8 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("VLLM_RPC_BASE_PATH", str(args.out))
 
-    from tests.test_vision import check_against_oracle
     from tests.tiny_vision import save_tiny_idefics3, save_tiny_llava
+    from tests.vision_oracle import check_against_oracle
 
     rows = kto_rows(args.data, args.out)
     models = {"tiny LLaVA": save_tiny_llava(args.out / "llava"),

@@ -141,11 +141,35 @@ def test_benchmark_commands_in_the_readme_parse(monkeypatch):
             runpy.run_path(str(ROOT / words[1]), run_name="__main__")
 
 
+def json_blocks() -> list[str]:
+    return re.findall(r"^```json\n(.*?)^```", README.read_text(encoding="utf-8"), re.S | re.M)
+
+
 def example_record() -> dict:
-    """The README's example line of train.jsonl."""
-    blocks = re.findall(r"^```json\n(.*?)^```", README.read_text(encoding="utf-8"), re.S | re.M)
-    assert len(blocks) == 1
+    """The README's example line of train.jsonl (the first JSON block; the second is the
+    vision example)."""
+    blocks = json_blocks()
+    assert len(blocks) == 2
     return json.loads(blocks[0])
+
+
+def test_readme_vision_example_is_a_record_with_one_image(tmp_path):
+    """The README's image record, with its image beside it, becomes a cache row of the tiny
+    LLaVA whose prompt holds the image's 16 tokens."""
+    from conftest import build_cache, read_cache
+    from tiny_vision import random_image, save_tiny_llava
+
+    record = json.loads(json_blocks()[1])
+    (tmp_path / "mllm_demo_data").mkdir()
+    random_image(0).save(tmp_path / "mllm_demo_data" / "1.jpg")
+    rows = [record, {**record, "label": False, "messages": [
+        *record["messages"][:-1], {"role": "assistant", "content": "No idea."}]}]
+    data = tmp_path / "vision.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    model = save_tiny_llava(tmp_path / "llava")
+    build_cache(model, [data], tmp_path / "cache")
+    _, table = read_cache(tmp_path / "cache")
+    assert table["image_tokens"].to_pylist() == [[16], [16]]
 
 
 def write_data(path: Path, n_prompts: int, offset: int) -> None:

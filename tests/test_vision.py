@@ -23,6 +23,7 @@ from helpers import assert_trajectories_close, assert_weights_close
 from tiny import write_jsonl
 from tiny_vision import TOKENS_PER_IMAGE, random_image, save_tiny_llava
 from train_helpers import final_weights, read_metrics
+from vision_oracle import check_against_oracle
 
 from shared.errors import InputError
 from shared.images import decode
@@ -253,36 +254,6 @@ def test_processor_settings_are_part_of_the_cache_key(vlm, vcache, tmp_path):
 
 
 # ---- scoring -------------------------------------------------------------------------------
-def naive_logps(model, processor, prompt: list[int], completion: list[int],
-                images: list[bytes]) -> float:
-    """One sequence, no padding, the model's own forward and full logits (float32),
-    the completion's log-probs summed in float64."""
-    ids = torch.tensor([prompt + completion])
-    pixels = (processor.image_processor(images=[decode(b) for b in images],
-                                        return_tensors="pt") if images else {})
-    with torch.no_grad():
-        logits = model(input_ids=ids, **pixels).logits[0].float()
-    lp = torch.log_softmax(logits[:-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
-    return float(lp[len(prompt) - 1:].double().sum())
-
-
-def check_against_oracle(reference: Path, cache: Path, tolerance: float = 1e-3) -> float:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    model = AutoModelForImageTextToText.from_pretrained(reference, dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(reference)
-    _, table = read_cache(cache)
-    worst = 0.0
-    for row in table.to_pylist():
-        images = [i["bytes"] for i in row["images"]]
-        for column, completion in (("ref_logps", row["completion_ids"]),
-                                   ("ref_kl_logps", row["kl_completion_ids"])):
-            want = naive_logps(model, processor, row["prompt_ids"], completion, images)
-            worst = max(worst, abs(want - row[column]))
-    assert worst <= tolerance, worst
-    return worst
-
-
 def test_hf_scores_equal_a_naive_oracle(vlm, vcache):
     """Left-padded batches of one- and two-image rows, the chunked head on completion
     positions only, against one sequence at a time (float32)."""

@@ -11,8 +11,9 @@ import sys
 
 import pytest
 from conftest import MLLM_DEMO, build_cache, read_cache
-from test_vision import check_against_oracle, factory_records, kto_mllm_demo
+from test_vision import factory_records, kto_mllm_demo
 from tiny_vision import save_tiny_idefics3
+from vision_oracle import check_against_oracle
 
 from shared.errors import RowScoreError
 from shared.vision import collapse_images
