@@ -102,6 +102,8 @@ def _run_locked(config: PrecomputeConfig, scorer: Scorer | None, out: Path,
     tokenizer = load_tokenizer(config.tokenizer_path)
     backend = resolve_backend(config.backend)
     vision = vision_encoder(config.tokenizer_path, config.model)
+    if vision is None and model_dir is not None:
+        check_text_model(model_dir, config.model, config.tokenizer_path)
     if vision is not None and backend == "server":
         raise ConfigError(f"--model {config.model} is a vision-language model: --backend server "
                           "does not score images yet; use --backend vllm or hf")
@@ -121,6 +123,24 @@ def _run_locked(config: PrecomputeConfig, scorer: Scorer | None, out: Path,
         server.close()
 
 
+def check_text_model(model_dir: Path | str, model: str, tokenizer_path: str) -> None:
+    """A vision-language --model whose --tokenizer folder has no image processor would be
+    loaded as a text model and fail inside transformers: refused, naming what is missing."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir))
+    except (OSError, ValueError, KeyError) as err:  # a type only the backend knows: its call
+        log.debug("no transformers config for %s (%s)", model_dir, err)
+        return
+    if hasattr(config, "vision_config"):
+        raise ConfigError(f"--model {model} is a vision-language model ({config.model_type}), "
+                          f"but {tokenizer_path} has no image processor (no "
+                          "processor_config.json / preprocessor_config.json): save the "
+                          "model's processor beside it, or pass --tokenizer a folder that "
+                          "holds it")
+
+
 def vision_encoder(path: str, model: str) -> VisionEncoder | None:
     """The processor of a vision-language model (None for a text model): ``path`` holds
     the processor (the tokenizer's folder), ``model`` the config."""
@@ -130,7 +150,13 @@ def vision_encoder(path: str, model: str) -> VisionEncoder | None:
     spec = vision_spec(processor, path)
     from transformers import AutoConfig
 
-    check_family(AutoConfig.from_pretrained(model), model)
+    config = AutoConfig.from_pretrained(model)
+    if not hasattr(config, "vision_config"):
+        raise ConfigError(f"--tokenizer {path} has an image processor, but --model {model} is a "
+                          f"text model ({config.model_type}, no vision tower): give the "
+                          "vision-language model's own folder as --tokenizer, or a text "
+                          "model's tokenizer")
+    check_family(config, model)
     log.info("vision-language model: image token %r, image processor %s", spec.image_token,
              spec.settings["image_processor_class"])
     return VisionEncoder(processor, spec)

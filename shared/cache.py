@@ -225,6 +225,10 @@ def _verify_shard(root: Path, entry: dict[str, Any], cache_key: str, checksums: 
              if schema.get_field_index(f.name) < 0 or schema.field(f.name).type != f.type]
     if wrong:
         raise CacheError(f"shard {name}: columns missing or of the wrong type: {wrong}; {REBUILD}")
+    if not vision and schema.get_field_index("images") >= 0:
+        raise CacheError(f"shard {name} holds images, but the manifest records no image "
+                         f"processor (no 'processor' section): the manifest was edited or "
+                         f"belongs to another cache; {REBUILD}")
     if meta.num_rows != entry["rows"]:
         raise CacheError(f"shard {name} holds {meta.num_rows} rows, manifest says "
                          f"{entry['rows']}; {REBUILD}")

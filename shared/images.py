@@ -12,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import stat
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.errors import InputError
 from shared.formats import RecordRef
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ def from_bytes(data: bytes) -> StoredImage:
 def load_image(value: Any, base: Path | None, ref: RecordRef, field: str) -> StoredImage:
     """One image value of a record as stored bytes, checked to decode."""
     data = _image_bytes(value, base, ref, field)
-    check_decodes(data, ref, field)
+    check_decodes(data, ref, field, f"{value}: " if isinstance(value, str) else "")
     return from_bytes(data)
 
 
@@ -65,17 +67,27 @@ def _read_path(text: str, base: Path | None, ref: RecordRef, field: str) -> byte
     if not path.is_absolute() and base is not None:
         path = base / path
     try:
-        size = path.stat().st_size
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
+            raise _error(ref, field, "image not readable", "a regular image file",
+                         f"{path} (not a regular file)")
+        size = info.st_size
         if size > MAX_IMAGE_BYTES:
-            raise ref.error(field, "image file too large", f"at most {MAX_IMAGE_BYTES >> 20} "
-                            "MiB", f"{path} ({size >> 20} MiB)")
+            raise _error(ref, field, "image file too large",
+                         f"at most {MAX_IMAGE_BYTES >> 20} MiB", f"{path} ({size >> 20} MiB)")
         return path.read_bytes()
     except FileNotFoundError:
-        raise ref.error(field, "image not found", "an existing image file (relative paths are "
-                        "read from the data file's folder)", str(path)) from None
+        raise _error(ref, field, "image not found", "an existing image file (relative paths "
+                     "are read from the data file's folder)", str(path)) from None
     except OSError as err:
-        raise ref.error(field, "image not readable", "a readable image file",
-                        f"{path} ({err.strerror or err})") from None
+        raise _error(ref, field, "image not readable", "a readable image file",
+                     f"{path} ({err.strerror or err})") from None
+
+
+def _error(ref: RecordRef, field: str, reason: str, expected: str, seen: str) -> InputError:
+    """``ref.error`` with our own description of what was seen (a path, a size, PIL's
+    reason) in full: ``ref.error`` cuts a record's value to 60 characters."""
+    return InputError(ref.path, ref.index, field, reason, expected, seen)
 
 
 def _is_pil(value: Any) -> bool:
@@ -93,13 +105,14 @@ def _encode_pil(image: Any) -> bytes:
     return buffer.getvalue()
 
 
-def check_decodes(data: bytes, ref: RecordRef, field: str) -> None:
+def check_decodes(data: bytes, ref: RecordRef, field: str, source: str = "") -> None:
+    """``source``: where the bytes came from (a path), named in the error."""
     try:
         decode(data)
     except Exception as err:  # PIL raises many kinds for bad files (and bombs)
-        raise ref.error(field, "image not decodable", "an image file PIL can read "
-                        "(JPEG, PNG, WebP, ...)", f"{len(data)} bytes ({type(err).__name__}: "
-                        f"{str(err)[:80]})") from None
+        raise _error(ref, field, "image not decodable", "an image file PIL can read "
+                     "(JPEG, PNG, WebP, ...)", f"{source}{len(data)} bytes "
+                     f"({type(err).__name__}: {str(err)[:80]})") from None
 
 
 def decode(data: bytes):

@@ -11,6 +11,7 @@ the language model's linear layers."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -60,9 +61,22 @@ def batch_image_inputs(processor: Any, images: Sequence[Sequence[dict[str, Any]]
                        dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The image processor's tensors for a micro-batch (rows in order, each row's images
     in prompt order); floating tensors in the policy's dtype."""
-    pictures = [decode(image["bytes"]) for row in images for image in row]
+    pictures = [_decode_cached(image["bytes"]) for row in images for image in row]
     return {k: (v.to(dtype) if v.is_floating_point() else v)
             for k, v in image_inputs(processor, pictures).items()}
+
+
+def _decode_cached(data: bytes) -> Any:
+    """A cached image as RGB; one the cache holds but PIL cannot decode (an edited cache:
+    its SHA-256 and the manifest were made to match) is a CacheError naming it."""
+    try:
+        return decode(data)
+    except Exception as err:  # PIL raises many kinds for bad files (and bombs)
+        digest = hashlib.sha256(data).hexdigest()
+        raise CacheError(f"the cache holds an image that cannot be decoded (SHA-256 "
+                         f"{digest[:16]}..., {len(data)} bytes: {type(err).__name__}: "
+                         f"{str(err)[:80]}): damaged or edited; rebuild it with "
+                         "kto-precompute") from None
 
 
 def module_parts(model: torch.nn.Module, names: Sequence[str]) -> list[str]:
