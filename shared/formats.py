@@ -273,6 +273,10 @@ def _typed_content(parts: list[Any], name: str, ref: RecordRef) -> str:
     out = []
     for i, part in enumerate(parts):
         kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind == "image" and any(v is not None for k, v in part.items() if k != "type"):
+            raise ref.error(f"{name}[{i}]", "an image inside a content part",
+                            "{'type': 'image'} parts with the images in the record's 'images' "
+                            "(or 'image') field, in placeholder order", part)
         if kind == "image":
             out.append(IMAGE_MARKER)
         elif kind == "text" and isinstance(part.get("text"), str):

@@ -99,12 +99,6 @@ def test_an_undecodable_image_is_named_with_its_path_and_pil_reason(tmp_path):
 
 
 # ---- images inside content parts -------------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="_typed_content keeps only the marker of an image part and drops its 'image' value: "
-    "with an 'images' field beside it, the row silently gets the field's image instead of the "
-    "part's; alone, the error says '0 image(s)'. Needs a decision: take the parts' images, or "
-    "refuse parts that carry one")
 def test_an_image_inside_a_content_part_is_not_silently_replaced():
     """TRL's processed messages put the image in the part: {"type": "image", "image": ...}.
     A record whose part names one image and whose ``images`` field another must not train
@@ -113,12 +107,9 @@ def test_an_image_inside_a_content_part_is_not_silently_replaced():
                                                         {"type": "text", "text": "Hi"}]},
                            {"role": "assistant", "content": "Hello."}],
               "images": ["a.png"], "label": True}
-    try:
-        examples = to_examples(record, "messages", RecordRef("data.json", 0), 0)
-    except InputError as err:  # refusing the record, naming the part, is a fix too
-        assert "messages[0].content[0]" in str(err)
-        return
-    assert examples[0].images == ("b.png",)
+    with pytest.raises(InputError, match=r"record 0, field 'messages\[0\]\.content\[0\]': an "
+                       "image inside a content part"):
+        to_examples(record, "messages", RecordRef("data.json", 0), 0)
 
 
 # ---- consistently edited caches -----------------------------------------------------------
@@ -264,14 +255,12 @@ def test_a_vision_model_without_its_processor_is_refused(vlm, tiny_dir, tmp_path
                     tokenizer=str(tiny_dir))
 
 
-@pytest.mark.xfail(
-    strict=True, raises=ValueError,
-    reason="a processor whose resolution is not its vision tower's (48 px images for a 32 px "
-    "CLIP) passes every check and fails in the scorer's forward: 'Input image size (48*48) "
-    "doesn't match model (32*32)' as a traceback, after the cache folder was started")
 def test_a_processor_that_does_not_fit_its_model_is_named(tmp_path):
-    from shared.errors import KtoError
+    """A processor whose resolution is not its vision tower's (48 px images for a 32 px CLIP):
+    the scorer's probe names it before any shard."""
+    from shared.errors import ConfigError
 
     model = save_tiny_llava(tmp_path / "mismatched", seed=0, image_size=48)  # 32 px tower
-    with pytest.raises(KtoError, match="image"):
+    with pytest.raises(ConfigError, match="the processor's images do not fit the model"):
         build_cache(model, [_one_record_pair(tmp_path)], tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("shard-*"))

@@ -34,6 +34,24 @@ class HFVisionScorer(HFScorer):
                  max_length: int = 1024):
         self.processor = processor
         super().__init__(model_path, dtype, batch_tokens, max_length)
+        self._probe(model_path)
+
+    def _probe(self, model_path: str) -> None:
+        """One grey image through the processor and the model before any shard: a processor
+        that does not fit the model's vision tower is named here, not mid-run."""
+        from PIL import Image
+
+        image = Image.new("RGB", (64, 64), (128, 128, 128))
+        try:
+            inputs = self.processor(text=[self.processor.image_token], images=[image],
+                                    return_tensors="pt", add_special_tokens=False)
+            with torch.inference_mode():
+                self.model(**{k: (v.to(self.device, self.model.dtype) if v.is_floating_point()
+                                  else v.to(self.device)) for k, v in inputs.items()})
+        except Exception as err:  # the families raise ValueError, RuntimeError, ...
+            raise ConfigError(f"{model_path}: the processor's images do not fit the model "
+                              f"({type(err).__name__}: {str(err)[:200]}); use the processor "
+                              "saved with the model") from None
 
     @staticmethod
     def _load(model_path: str, dtype: torch.dtype) -> torch.nn.Module:
