@@ -90,10 +90,16 @@ def render_texts(example: Example, tokenizer: Any, ref: RecordRef) -> tuple[str,
     if not getattr(tokenizer, "chat_template", None):
         raise ref.error("prompt", "not renderable with the chat template",
                         "a tokenizer with a chat template for message data", "no chat template")
+    return render_by_difference(tokenizer.apply_chat_template, prompt, completion, ref)
+
+
+def render_by_difference(apply_chat_template: Any, prompt: list, completion: list,
+                         ref: RecordRef) -> tuple[str, str]:
+    """(prompt text, completion text): the prompt rendered with the generation prompt, the
+    completion as the rendering of prompt + completion minus the prompt's."""
     try:
-        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False,
-                                                    add_generation_prompt=True)
-        full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+        prompt_text = apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        full_text = apply_chat_template(prompt + completion, tokenize=False)
     except Exception as err:  # jinja raises its own errors for templates' rules
         raise ref.error("prompt", "not renderable with the chat template",
                         "messages the template accepts", str(err)) from None

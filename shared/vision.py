@@ -21,7 +21,7 @@ import pyarrow as pa
 from shared.errors import ConfigError, InputError
 from shared.fingerprint import sha256_json
 from shared.formats import IMAGE_MARKER, Example, RecordRef
-from shared.tokenization import TokenizeOptions, special_ids, truncate
+from shared.tokenization import TokenizeOptions, render_by_difference, special_ids, truncate
 
 log = logging.getLogger(__name__)
 # The columns a vision row adds to the cache schema. Image i of a row: images[i],
@@ -153,19 +153,8 @@ def render_vision_texts(example: Example, processor: Any, ref: RecordRef) -> tup
     if not template:
         raise ref.error("prompt", "not renderable with the chat template",
                         "a processor with a chat template for message data", "no chat template")
-    try:
-        prompt_text = processor.apply_chat_template(typed_messages(prompt), tokenize=False,
-                                                    add_generation_prompt=True)
-        full_text = processor.apply_chat_template(typed_messages(prompt + completion),
-                                                  tokenize=False)
-    except Exception as err:  # jinja raises its own errors for templates' rules
-        raise ref.error("prompt", "not renderable with the chat template",
-                        "messages the template accepts", str(err)) from None
-    if not full_text.startswith(prompt_text):
-        raise ref.error("completion", "not renderable with the chat template",
-                        "the prompt rendering to be a prefix of prompt+completion's",
-                        full_text[:60])
-    return prompt_text, full_text[len(prompt_text):]
+    return render_by_difference(processor.apply_chat_template, typed_messages(prompt),
+                                typed_messages(completion), ref)
 
 
 def check_placeholders(prompt_text: str, completion_text: str, images: int, token: str,

@@ -22,7 +22,7 @@ from conftest import MLLM_DEMO, build_cache, read_cache
 from helpers import assert_trajectories_close, assert_weights_close
 from tiny import write_jsonl
 from tiny_vision import TOKENS_PER_IMAGE, random_image, save_tiny_llava
-from train_helpers import final_weights, read_metrics
+from train_helpers import final_weights, read_metrics, run_training
 from vision_oracle import check_against_oracle
 
 from shared.errors import InputError
@@ -289,23 +289,6 @@ def kto_mllm_demo(folder: Path) -> Path:
 
 
 # ---- training ------------------------------------------------------------------------------
-def run_vision_training(policy: Path, cache: Path, output: Path, reference=None, **overrides):
-    from train.config import TrainConfig
-    from train.trainer import Trainer, cached_reference
-
-    config = TrainConfig(model=str(policy), cache=str(cache), output=str(output),
-                         **{"learning_rate": 1e-3, "per_device_train_batch_size": 4,
-                            "logging_steps": 1, "max_steps": 4, "bf16": False, **overrides})
-    trainer = Trainer(config, reference or cached_reference)
-    trainer.setup()
-    try:
-        trainer.train()
-        trainer.save()
-    finally:
-        trainer.cleanup()
-    return read_metrics(output), final_weights(output)
-
-
 LAYOUT_KEYS = ("input_ids", "attention_mask", "position_ids", "score_mask", "seq_index",
                "num_seqs")
 
@@ -339,8 +322,8 @@ def test_training_from_the_cache_equals_a_live_reference(vlm, vcache, tmp_path, 
             return sequence_logps(logits, seqs["input_ids"], seqs["score_mask"].long()).double()
         return logps(batch["target"]), logps(batch["kl"])
 
-    cached_m, cached_w = run_vision_training(policy, cache, tmp_path / "cached")
-    live_m, live_w = run_vision_training(policy, cache, tmp_path / "live", reference=live)
+    cached_m, cached_w = run_training(policy, cache, tmp_path / "cached")
+    live_m, live_w = run_training(policy, cache, tmp_path / "live", reference=live)
     assert len(cached_m) == 4
     assert_trajectories_close(cached_m, live_m, TRAJECTORY)
     assert abs(cached_m[0]["rewards/chosen"]) > 1e-2  # the policy differs from the reference
@@ -349,8 +332,8 @@ def test_training_from_the_cache_equals_a_live_reference(vlm, vcache, tmp_path, 
 
 def test_frozen_parts_stay_and_the_language_model_moves(vlm, vcache, tmp_path):
     first = final_weights(vlm["policy"])
-    _, frozen = run_vision_training(vlm["policy"], vcache, tmp_path / "frozen", max_steps=2)
-    _, free = run_vision_training(vlm["policy"], vcache, tmp_path / "free", max_steps=2,
+    _, frozen = run_training(vlm["policy"], vcache, tmp_path / "frozen", max_steps=2)
+    _, free = run_training(vlm["policy"], vcache, tmp_path / "free", max_steps=2,
                                   freeze_vision_tower=False, freeze_multi_modal_projector=False)
 
     def moved(weights, part):
@@ -429,17 +412,17 @@ def test_two_processes_equal_one_with_the_same_global_batch(vlm, vcache, tmp_pat
 
 def test_packed_batches_equal_padded_ones(vlm, vcache, tmp_path):
     """--padding-free: every row's image tokens in one packed row, the images in order."""
-    padded_m, padded_w = run_vision_training(vlm["policy"], vcache, tmp_path / "padded",
+    padded_m, padded_w = run_training(vlm["policy"], vcache, tmp_path / "padded",
                                              padding_free=False)
-    packed_m, packed_w = run_vision_training(vlm["policy"], vcache, tmp_path / "packed",
+    packed_m, packed_w = run_training(vlm["policy"], vcache, tmp_path / "packed",
                                              padding_free=True)
     assert_trajectories_close(packed_m, padded_m, TRAJECTORY)
     assert_weights_close(packed_w, padded_w)
 
 
 def test_without_gradient_checkpointing_the_steps_are_the_same(vlm, vcache, tmp_path):
-    on_m, on_w = run_vision_training(vlm["policy"], vcache, tmp_path / "on", max_steps=2)
-    off_m, off_w = run_vision_training(vlm["policy"], vcache, tmp_path / "off", max_steps=2,
+    on_m, on_w = run_training(vlm["policy"], vcache, tmp_path / "on", max_steps=2)
+    off_m, off_w = run_training(vlm["policy"], vcache, tmp_path / "off", max_steps=2,
                                        gradient_checkpointing=False)
     assert_trajectories_close(on_m, off_m, TRAJECTORY)
     assert_weights_close(on_w, off_w)
