@@ -166,14 +166,14 @@ def micro_batch_rows(order: np.ndarray, step_in_epoch: int, micro: int, process:
 
 
 def collate(rows: CacheRows, indices: np.ndarray, pad_id: int, pack: bool = False,
-            images: Callable[[list[Any]], dict[str, torch.Tensor]] | None = None
+            images: Callable[[dict[str, list[Any]]], dict[str, torch.Tensor]] | None = None
             ) -> dict[str, Any]:
     """One micro-batch: its labels and reference values, and the target and KL
     sequences in the layout the forward takes (``train.packing``). ``images``: a
     vision-language cache's image processing (``train.vision``); target and KL
     sequences of a row share its prompt, so both get the same tensors."""
     batch = rows.table.take(pa.array(indices)).to_pydict()
-    pixels = images(batch["images"]) if images is not None else {}
+    pixels = images(batch) if images is not None else {}
 
     def layout(completions: list[list[int]]) -> dict[str, Any]:
         seqs = (packed(batch["prompt_ids"], completions) if pack

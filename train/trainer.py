@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import math
 import os
@@ -58,7 +57,7 @@ from train.setup import (
     save_final,
 )
 from train.trackers import start_trackers, tracker_values
-from train.vision import batch_image_inputs, is_vision_cache, policy_processor
+from train.vision import ImageBatcher, is_vision_cache, policy_processor
 
 log = logging.getLogger(__name__)
 Reference = Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]
@@ -159,6 +158,8 @@ class Trainer:
         # a vision-language cache: the policy's processor must be the cache's
         self.processor = (policy_processor(self.rows.manifest, c.tokenizer or c.model, c.cache)
                           if self.vision else None)
+        self.images = (ImageBatcher(self.processor, getattr(torch, c.torch_dtype))
+                       if self.vision else None)
         if self.accelerator.is_main_process:
             class_balance_warning(self.rows.manifest["counts"], c)
         world = self.accelerator.num_processes
@@ -218,10 +219,7 @@ class Trainer:
         return self._orders[epoch]
 
     def _batch(self, rows: CacheRows, indices) -> dict[str, Any]:
-        images = (functools.partial(batch_image_inputs, self.processor,
-                                    dtype=getattr(torch, self.config.torch_dtype))
-                  if self.vision else None)
-        return _to(collate(rows, indices, self.pad_id, self.pack, images),
+        return _to(collate(rows, indices, self.pad_id, self.pack, self.images),
                    self.accelerator.device)
 
     def forward_loss(self, batch: dict[str, Any]) -> tuple[KTOLossOutput, torch.Tensor, int]:

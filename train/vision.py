@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from shared.images import decode
 from shared.vision import (
     VISION_COLUMNS,
     image_inputs,
+    image_span,
     load_processor,
     processor_mismatch,
     vision_spec,
@@ -57,13 +59,39 @@ def policy_processor(manifest: dict[str, Any], path: str, cache: str) -> Any:
     return processor
 
 
-def batch_image_inputs(processor: Any, images: Sequence[Sequence[dict[str, Any]]],
-                       dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The image processor's tensors for a micro-batch (rows in order, each row's images
-    in prompt order); floating tensors in the policy's dtype."""
-    pictures = [_decode_cached(image["bytes"]) for row in images for image in row]
-    return {k: (v.to(dtype) if v.is_floating_point() else v)
-            for k, v in image_inputs(processor, pictures).items()}
+@dataclass
+class ImageBatcher:
+    """The image tensors of each micro-batch. Each distinct image (by SHA-256) is checked
+    once, the first time a batch holds it: the tokens the cache recorded for it must be the
+    policy processor's expansion of it, or the model would pair image features with the
+    wrong tokens (an edited cache the checksums cannot catch)."""
+
+    processor: Any
+    dtype: torch.dtype
+    checked: set[str] = field(default_factory=set)
+
+    def __call__(self, batch: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
+        pictures = []
+        for r, row in enumerate(batch["images"]):
+            for i, image in enumerate(row):
+                picture = _decode_cached(image["bytes"])
+                digest = batch["image_sha256"][r][i]
+                if digest not in self.checked:
+                    o, n = batch["image_offsets"][r][i], batch["image_tokens"][r][i]
+                    self._check_span(batch["prompt_ids"][r][o:o + n], picture, batch["id"][r],
+                                     i)
+                    self.checked.add(digest)
+                pictures.append(picture)
+        return {k: (v.to(self.dtype) if v.is_floating_point() else v)
+                for k, v in image_inputs(self.processor, pictures).items()}
+
+    def _check_span(self, recorded: list[int], picture: Any, row: str, index: int) -> None:
+        expected = image_span(self.processor, picture)
+        if recorded != expected:
+            raise CacheError(f"row {row!r}, image {index}: the cache records {len(recorded)} "
+                             f"tokens for it, the policy's processor expands it to "
+                             f"{len(expected)} (or to other tokens): damaged or edited; rebuild "
+                             "it with kto-precompute")
 
 
 def _decode_cached(data: bytes) -> Any:
@@ -114,5 +142,5 @@ def lora_exclusions(model: torch.nn.Module) -> list[str]:
     return module_parts(model, TOWER_NAMES) + module_parts(model, PROJECTOR_NAMES)
 
 
-__all__ = ["VISION_COLUMNS", "batch_image_inputs", "freeze_vision_parts", "is_vision_cache",
+__all__ = ["VISION_COLUMNS", "ImageBatcher", "freeze_vision_parts", "is_vision_cache",
            "lora_exclusions", "policy_processor"]
