@@ -23,15 +23,10 @@ from common import checked, command_line, measure, table, write  # noqa: E402
 
 
 def kto_rows(data: Path, out: Path) -> Path:
-    records = json.loads(data.read_text(encoding="utf-8"))
-    rows = []
-    for i, r in enumerate(records):
-        other = records[(i + 1) % len(records)]["messages"][-1]["content"]
-        rows.append({**r, "label": True})
-        rows.append({"messages": r["messages"][:-1] + [{"role": "assistant", "content": other}],
-                     "images": [str((data.parent / p).resolve()) for p in r["images"]],
-                     "label": False})
-        rows[-2]["images"] = rows[-1]["images"]
+    """``vlm_rows.kto_records``: the demo's conversations as KTO rows, absolute image paths."""
+    from vlm_rows import kto_records
+
+    rows = kto_records(json.loads(data.read_text(encoding="utf-8")), data.parent)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kto_rows.json").write_text(json.dumps(rows))
     return out / "kto_rows.json"
