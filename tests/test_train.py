@@ -17,6 +17,7 @@ from helpers import assert_trajectories_close, assert_weights_close
 from train_helpers import (
     build_polite_cache,
     final_weights,
+    launch_two_processes,
     make_policy,
     read_metrics,
     run_training,
@@ -178,14 +179,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(setup):
     one = CliRunner().invoke(main, [*common, "--per-device-train-batch-size", "4",
                                     "--output", str(root / "one-process")])
     assert one.exit_code == 0, one.output
-    # accelerate 1.15: `--cpu --num_processes 2` starts ONE process unless given an MPI
-    # hostfile; its torchrun path (--multi_gpu) with kto-train's cpu=True gives gloo DDP.
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
-         "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "train.cli", *common,
-         "--per-device-train-batch-size", "2", "--output", str(root / "two-processes")],
-        capture_output=True, text=True, cwd=TESTS.parent, timeout=600)
+    proc = launch_two_processes([*common, "--per-device-train-batch-size", "2"],
+                                root / "two-processes")
     assert proc.returncode == 0, proc.stderr[-3000:]
     two, single = read_metrics(root / "two-processes"), read_metrics(root / "one-process")
     assert [m["epoch"] for m in two] == [m["epoch"] for m in single]  # same global batch

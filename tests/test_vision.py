@@ -22,7 +22,7 @@ from conftest import MLLM_DEMO, build_cache, read_cache
 from helpers import assert_trajectories_close, assert_weights_close
 from tiny import write_jsonl
 from tiny_vision import TOKENS_PER_IMAGE, random_image, save_tiny_llava
-from train_helpers import final_weights, read_metrics, run_training
+from train_helpers import final_weights, launch_two_processes, read_metrics, run_training
 from vision_oracle import check_against_oracle
 
 from shared.errors import InputError
@@ -398,12 +398,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(vlm, vcache, tmp_pat
     one = CliRunner().invoke(main, [*common, "--per-device-train-batch-size", "4",
                                     "--output", str(tmp_path / "one")])
     assert one.exit_code == 0, one.output
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
-         "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "train.cli", *common,
-         "--per-device-train-batch-size", "2", "--output", str(tmp_path / "two")],
-        capture_output=True, text=True, cwd=TESTS.parent, timeout=600)
+    proc = launch_two_processes([*common, "--per-device-train-batch-size", "2"],
+                                tmp_path / "two")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_trajectories_close(read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one"),
                               (*TRAJECTORY, "grad_norm"))

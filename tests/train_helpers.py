@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -57,3 +59,14 @@ def build_polite_cache(reference: Path, root: Path, prompts: range, name: str) -
     data = polite_data(root / f"{name}.jsonl", prompts)
     build_cache(reference, [data], root / name, shard_size=64)
     return root / name
+
+
+def launch_two_processes(options: list[str], output: Path) -> subprocess.CompletedProcess:
+    """kto-train in two CPU processes (gloo DDP). accelerate 1.15: `--cpu --num_processes 2`
+    starts ONE process unless given an MPI hostfile; its torchrun path (--multi_gpu) with
+    kto-train's cpu=True gives gloo DDP."""
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
+         "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "-m", "train.cli", *options, "--output", str(output)],
+        capture_output=True, text=True, cwd=Path(__file__).parent.parent, timeout=600)
