@@ -11,6 +11,7 @@ tokenizer: kto-train refuses a policy whose processor differs."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -289,8 +290,6 @@ def check_vision_rows(table: pa.Table, image_token_id: int) -> str | None:
     """What is wrong with a shard's vision columns (None when nothing): every image's bytes
     must hash to its recorded SHA-256, and each row's image spans must be well formed
     (``check_spans``)."""
-    import hashlib
-
     columns = table.to_pydict()
     for r, (prompt, images, hashes, offsets, counts) in enumerate(zip(
             columns["prompt_ids"], columns["images"], columns["image_sha256"],
@@ -311,8 +310,6 @@ def check_vision_rows(table: pa.Table, image_token_id: int) -> str | None:
 
 def images_digest(hash_lists) -> str:
     """One SHA-256 over every row's image hashes, in row order."""
-    import hashlib
-
     h = hashlib.sha256()
     for hashes in hash_lists:
         h.update((",".join(hashes or []) + "\n").encode())
